@@ -1,0 +1,203 @@
+"""The ENGINE: Django's PostgreSQL backend, borrowing from a process-wide pool.
+
+This module is only wiring: ``connect()`` borrows from and ``close()``
+returns to the pool of :mod:`django_pooled_backend.registry`; what a pool
+does lives in :mod:`django_pooled_backend.pool`.  Django (>= 5.1) gives its
+PostgreSQL backend a ``pool`` property and a ``close_pool()`` method that
+its test database creation calls; they are honoured here with the same
+meaning, for our pools.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import replace
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
+from django.db.backends.postgresql import base as postgresql
+from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
+from django.utils.asyncio import async_unsafe
+from django.utils.functional import cached_property
+
+from . import registry
+from .options import PoolOptions, parse_pool_options
+
+if not is_psycopg3:  # pragma: no cover - depends on the environment
+    raise ImproperlyConfigured(
+        "django_pooled_backend requires psycopg 3 (found psycopg2, which has no "
+        "pool). Install it with: pip install 'psycopg[binary,pool]>=3.2'."
+    )
+
+try:
+    from .pool import DjangoConnectionPool
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImproperlyConfigured(
+        "django_pooled_backend requires the psycopg_pool package, which is not "
+        "installed. Install it with: pip install 'psycopg[pool]>=3.2'."
+    ) from exc
+
+_HOSTNAME = socket.gethostname()
+
+
+class DatabaseWrapper(postgresql.DatabaseWrapper):
+    """A PostgreSQL connection whose server connection comes from a pool."""
+
+    # -- configuration -------------------------------------------------------
+
+    @cached_property
+    def pool_options(self) -> PoolOptions | None:
+        """The validated ``OPTIONS["pool"]``, or None when pooling is off."""
+        raw = self.settings_dict["OPTIONS"].get("pool", True)
+        if raw is False or raw is None:
+            return None
+        options = parse_pool_options(self.alias, raw)
+        if self.settings_dict.get("CONN_HEALTH_CHECKS") and options.check == "auto":
+            # Django's meaning of the setting: check before every reuse.
+            options = replace(options, check="always")
+        return options
+
+    @cached_property
+    def is_pooled(self) -> bool:
+        """Whether connect() borrows from a pool (not for the maintenance alias)."""
+        return self.alias != NO_DB_ALIAS and self.pool_options is not None
+
+    @cached_property
+    def _isolation_level_option(self) -> IsolationLevel | None:
+        value = self.settings_dict["OPTIONS"].get("isolation_level")
+        if value is None:
+            return None
+        try:
+            return IsolationLevel(value)
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"DATABASES[{self.alias!r}]['OPTIONS']['isolation_level'] is {value!r}, "
+                "which is not a transaction isolation level. Use one of the "
+                "psycopg.IsolationLevel values, for example "
+                "IsolationLevel.REPEATABLE_READ."
+            ) from None
+
+    def check_settings(self) -> None:
+        super().check_settings()
+        if not self.is_pooled:
+            return
+        max_age = self.settings_dict["CONN_MAX_AGE"]
+        if max_age != 0:
+            raise ImproperlyConfigured(
+                f"DATABASES[{self.alias!r}]['CONN_MAX_AGE'] is {max_age!r}, but "
+                "django_pooled_backend keeps the server connections open itself: "
+                "a connection held by a thread between requests is one the pool "
+                "cannot lend. Set CONN_MAX_AGE to 0 (the default), or set "
+                "OPTIONS['pool'] to False to use persistent connections instead."
+            )
+
+    # -- the pool ------------------------------------------------------------
+
+    def _pool_key(self) -> registry.PoolKey:
+        sd = self.settings_dict
+        options = sd["OPTIONS"]
+        return (
+            self.alias,
+            (
+                sd["NAME"],
+                sd["USER"],
+                sd["PASSWORD"],
+                sd["HOST"],
+                sd["PORT"],
+                repr(sorted((k, v) for k, v in options.items() if k != "pool"))
+                if len(options) > 1
+                else "",
+                settings.USE_TZ,
+                self.timezone_name,
+            ),
+        )
+
+    def _current_pool(self) -> DjangoConnectionPool:
+        key = self._pool_key()
+        pool = registry.get_pool(key, self._make_pool)
+        return pool
+
+    def _make_pool(self) -> DjangoConnectionPool:
+        options = self.pool_options
+        assert options is not None
+        self._isolation_level_option  # noqa: B018 - validate before connecting
+        kwargs = super().get_connection_params()
+        # psycopg_pool wants idle connections in autocommit; Django sets the
+        # mode it wants on every borrow, as it does on every connect.
+        kwargs["autocommit"] = True
+        kwargs.setdefault(
+            "application_name", f"django_pooled_backend {self.alias} {os.getpid()}@{_HOSTNAME}"[:63]
+        )
+        sd = self.settings_dict
+        label = (
+            f"{sd['USER'] or '(default user)'}@{sd['HOST'] or '(default host)'}"
+            f"{':' + str(sd['PORT']) if sd['PORT'] else ''}/{kwargs.get('dbname', '')}"
+        )
+        from .reset import configure_statements
+
+        pool = DjangoConnectionPool(
+            alias=self.alias,
+            label=label,
+            options=options,
+            kwargs=kwargs,
+            configure_sql=configure_statements(
+                self.timezone_name, sd["OPTIONS"].get("assume_role")
+            ),
+            isolation_level=self._isolation_level_option,
+        )
+        return pool
+
+    @property
+    def pool(self) -> DjangoConnectionPool | None:
+        """The pool this connection borrows from, as Django's backend defines it."""
+        return self._current_pool() if self.is_pooled else None
+
+    def close_pool(self) -> None:
+        """Close the pools of this alias (Django calls this around test databases)."""
+        registry.close_alias(self.alias)
+
+    # -- connect and close -----------------------------------------------------
+
+    def get_connection_params(self) -> dict[str, Any]:
+        if not self.is_pooled:
+            return super().get_connection_params()
+        # Computed once per pool rather than on every borrow.
+        self._lender = self._current_pool()
+        return dict(self._lender.connect_kwargs)
+
+    @async_unsafe
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        if not self.is_pooled:
+            return super().get_new_connection(conn_params)
+        level = self._isolation_level_option
+        self.isolation_level = level if level is not None else IsolationLevel.READ_COMMITTED
+        return self._lender.borrow()
+
+    def init_connection_state(self) -> None:
+        if not self.is_pooled:
+            super().init_connection_state()
+            return
+        # The pool configured time zone and role when it opened the server
+        # connection, and restores them on every reset: no round trip here.
+        BaseDatabaseWrapper.init_connection_state(self)
+
+    def _close(self) -> None:
+        if not self.is_pooled:
+            super()._close()  # type: ignore[misc]
+            return
+        conn = self.connection
+        if conn is None:
+            return
+        # Whatever happens next, this wrapper no longer owns the connection.
+        self.connection = None
+        with self.wrap_database_errors:
+            self._lender.give_back(conn)
+
+    def close_if_health_check_failed(self) -> None:
+        if self.is_pooled:
+            # The pool checks connections when it lends them.
+            return
+        super().close_if_health_check_failed()

@@ -1,0 +1,321 @@
+"""Read and validate ``DATABASES[alias]["OPTIONS"]["pool"]``.
+
+Everything Django's own ``OPTIONS["pool"]`` accepts is accepted here with the
+same meaning, plus SQLAlchemy's spelling of the same settings and a few
+options of our own.  The result is one frozen :class:`PoolOptions`; every bad
+value raises :class:`~django.core.exceptions.ImproperlyConfigured` naming the
+alias, the key, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
+
+from django.core.exceptions import ImproperlyConfigured
+
+CheckMode = Literal["auto", "always", "never"]
+ReleaseMode = Literal["request"]
+
+# SQLAlchemy's QueuePool vocabulary, as used by the most-read pooling
+# tutorials, mapped onto psycopg_pool's.
+SQLALCHEMY_ALIASES = {
+    "pool_size": "min_size",
+    "max_overflow": "max_size",
+    "pool_timeout": "timeout",
+    "pool_recycle": "max_lifetime",
+    "pool_pre_ping": "check",
+}
+
+# ConnectionPool arguments that the backend sets itself from DATABASES.
+_RESERVED = {
+    "conninfo": "the connection settings come from NAME, USER, PASSWORD, HOST, PORT and OPTIONS",
+    "kwargs": "the connection settings come from NAME, USER, PASSWORD, HOST, PORT and OPTIONS",
+    "connection_class": "the backend uses its own connection class",
+    "open": "the pool opens on first use, in the process that uses it",
+}
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """The validated pool configuration of one database alias.
+
+    Defaults suit a gunicorn worker (sync, or gthread with up to 10 threads):
+    one warm connection per process, no more than 10, and a borrow that gives
+    up after 10 seconds, well before gunicorn's 30 second worker timeout.
+    """
+
+    min_size: int = 1
+    max_size: int = 10
+    timeout: float = 10.0
+    max_waiting: int = 0
+    max_lifetime: float = 3600.0
+    max_idle: float = 600.0
+    reconnect_timeout: float = 300.0
+    num_workers: int = 2
+    name: str | None = None
+    reset: bool = True
+    check: CheckMode = "auto"
+    check_after: float = 0.5
+    leak_threshold: float | None = None
+    release: ReleaseMode = "request"
+    configure: Callable[[Any], None] | None = field(default=None, compare=False)
+    custom_check: Callable[[Any], None] | None = field(default=None, compare=False)
+
+
+KNOWN_KEYS = frozenset(
+    {f.name for f in fields(PoolOptions) if f.name != "custom_check"} | set(SQLALCHEMY_ALIASES)
+)
+
+
+class _Reader:
+    """Collects one alias' pool options, failing with Django-style messages."""
+
+    def __init__(self, alias: str, raw: Mapping[str, Any]) -> None:
+        self.alias = alias
+        self.raw = raw
+        # Which raw key each validated value came from, to explain conflicts.
+        self.sources: dict[str, str] = {}
+
+    def where(self, key: str) -> str:
+        return f"DATABASES[{self.alias!r}]['OPTIONS']['pool'][{key!r}]"
+
+    def fail(self, key: str, problem: str, fix: str) -> ImproperlyConfigured:
+        return ImproperlyConfigured(
+            f"{self.where(key)} is {safe_repr(key, self.raw.get(key))}: {problem}. {fix}"
+        )
+
+    def integer(self, key: str, *, minimum: int, fix: str) -> int | None:
+        if key not in self.raw:
+            return None
+        value = self.raw[key]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(key, "it must be an integer", fix)
+        if value < minimum:
+            raise self.fail(key, f"it must be at least {minimum}", fix)
+        return value
+
+    def seconds(self, key: str, *, fix: str, allow_none: bool = False) -> float | None:
+        if key not in self.raw:
+            return None
+        value = self.raw[key]
+        if value is None and allow_none:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(key, "it must be a number of seconds", fix)
+        if not math.isfinite(value) or value <= 0:
+            raise self.fail(key, "it must be a positive, finite number of seconds", fix)
+        return float(value)
+
+
+def parse_pool_options(alias: str, raw: object) -> PoolOptions:
+    """Validate ``OPTIONS["pool"]`` of ``alias`` into a :class:`PoolOptions`."""
+    if raw is True:
+        return PoolOptions()
+    if not isinstance(raw, Mapping):
+        raise ImproperlyConfigured(
+            f"DATABASES[{alias!r}]['OPTIONS']['pool'] is {raw!r}: it must be True "
+            "or a dict of pool options. Use True for the defaults, or for example "
+            "{'min_size': 1, 'max_size': 10, 'timeout': 10}."
+        )
+    for key in raw:
+        if key in _RESERVED:
+            raise ImproperlyConfigured(
+                f"DATABASES[{alias!r}]['OPTIONS']['pool'][{key!r}] cannot be set: "
+                f"{_RESERVED[key]}. Remove {key!r} from the pool options."
+            )
+        if key not in KNOWN_KEYS:
+            known = ", ".join(sorted(KNOWN_KEYS))
+            hint = _suggest(str(key))
+            raise ImproperlyConfigured(
+                f"DATABASES[{alias!r}]['OPTIONS']['pool'] has an unknown key {key!r} "
+                f"(value {safe_repr(key, raw[key])}).{hint} Valid keys are: {known}."
+            )
+    r = _Reader(alias, raw)
+    values: dict[str, Any] = {}
+
+    size_fix = "Use a positive whole number, for example 10."
+    _put(
+        values,
+        r,
+        "min_size",
+        r.integer("min_size", minimum=0, fix="Use 0 or a positive whole number, for example 1."),
+    )
+    _put(values, r, "max_size", r.integer("max_size", minimum=1, fix=size_fix))
+    _put(
+        values,
+        r,
+        "max_waiting",
+        r.integer("max_waiting", minimum=0, fix="Use 0 (no limit) or a positive whole number."),
+    )
+    _put(
+        values,
+        r,
+        "num_workers",
+        r.integer("num_workers", minimum=1, fix="Use a positive whole number, for example 2."),
+    )
+
+    # SQLAlchemy: pool_size connections kept, plus max_overflow more at most.
+    pool_size = r.integer("pool_size", minimum=1, fix=size_fix)
+    max_overflow = r.integer(
+        "max_overflow",
+        minimum=0,
+        fix="Use 0 for a fixed-size pool or a positive whole number; an unbounded overflow "
+        "(-1) is not supported, set max_size instead.",
+    )
+    if pool_size is not None:
+        _put(values, r, "min_size", pool_size, alias_key="pool_size")
+        if max_overflow is not None:
+            _put(values, r, "max_size", pool_size + max_overflow, alias_key="max_overflow")
+        elif "max_size" not in raw:
+            # SQLAlchemy's default overflow.
+            _put(values, r, "max_size", pool_size + 10, alias_key="pool_size")
+    elif max_overflow is not None:
+        base = values.get("min_size", PoolOptions.min_size)
+        _put(values, r, "max_size", base + max_overflow, alias_key="max_overflow")
+
+    timeout_fix = "Use a positive number of seconds, for example 10."
+    _put(values, r, "timeout", r.seconds("timeout", fix=timeout_fix))
+    _put(values, r, "timeout", r.seconds("pool_timeout", fix=timeout_fix), alias_key="pool_timeout")
+    lifetime_fix = "Use a positive number of seconds, for example 3600."
+    _put(values, r, "max_lifetime", r.seconds("max_lifetime", fix=lifetime_fix))
+    recycle = r.raw.get("pool_recycle")
+    if recycle is not None and recycle != -1:  # SQLAlchemy's -1 means "never".
+        _put(
+            values,
+            r,
+            "max_lifetime",
+            r.seconds("pool_recycle", fix=lifetime_fix),
+            alias_key="pool_recycle",
+        )
+    elif recycle == -1:
+        _put(values, r, "max_lifetime", float("inf"), alias_key="pool_recycle")
+    _put(
+        values,
+        r,
+        "max_idle",
+        r.seconds("max_idle", fix="Use a positive number of seconds, for example 600."),
+    )
+    _put(
+        values,
+        r,
+        "reconnect_timeout",
+        r.seconds("reconnect_timeout", fix="Use a positive number of seconds, for example 300."),
+    )
+    _put(
+        values,
+        r,
+        "check_after",
+        r.seconds("check_after", fix="Use a positive number of seconds, for example 0.5."),
+    )
+    _put(
+        values,
+        r,
+        "leak_threshold",
+        r.seconds(
+            "leak_threshold",
+            allow_none=True,
+            fix="Use a positive number of seconds, for example 30, "
+            "or None to disable leak detection.",
+        ),
+    )
+
+    if "name" in raw:
+        if not isinstance(raw["name"], str) or not raw["name"]:
+            raise r.fail(
+                "name", "it must be a non-empty string", "Use a short label such as 'default'."
+            )
+        values["name"] = raw["name"]
+    if "reset" in raw:
+        if not isinstance(raw["reset"], bool):
+            raise r.fail(
+                "reset",
+                "it must be True or False",
+                "Leave it out (True): the session is reset before the next borrower gets it.",
+            )
+        values["reset"] = raw["reset"]
+    if "release" in raw and raw["release"] != "request":
+        raise r.fail(
+            "release", "the only release mode is 'request'", "Use 'request' or leave it out."
+        )
+    if "configure" in raw:
+        if not callable(raw["configure"]):
+            raise r.fail(
+                "configure",
+                "it must be a callable taking a psycopg connection",
+                "Pass a function, or leave it out.",
+            )
+        values["configure"] = raw["configure"]
+
+    check = raw.get("check")
+    if "check" in raw:
+        if callable(check):
+            values["check"] = "always"
+            values["custom_check"] = check
+        elif check is None:
+            values["check"] = "never"
+        elif check in ("auto", "always", "never"):
+            values["check"] = check
+        else:
+            raise r.fail(
+                "check",
+                "it must be 'auto', 'always', 'never' or a callable",
+                "Leave it out ('auto') unless every borrow must be checked "
+                "with a round trip ('always').",
+            )
+    if "pool_pre_ping" in raw:
+        ping = raw["pool_pre_ping"]
+        if not isinstance(ping, bool):
+            raise r.fail(
+                "pool_pre_ping",
+                "it must be True or False",
+                "Use True to check every borrow with a round trip.",
+            )
+        _put(values, r, "check", "always" if ping else "auto", alias_key="pool_pre_ping")
+
+    options = PoolOptions(**values)
+    if options.min_size > options.max_size:
+        key = "pool_size" if "pool_size" in raw else "min_size"
+        raise ImproperlyConfigured(
+            f"DATABASES[{alias!r}]['OPTIONS']['pool'] has min_size {options.min_size} "
+            f"greater than max_size {options.max_size}. Lower {key!r} or raise 'max_size' "
+            "so that min_size <= max_size."
+        )
+    return options
+
+
+def _put(
+    values: dict[str, Any], r: _Reader, key: str, value: Any, alias_key: str | None = None
+) -> None:
+    """Record ``key``; refuse two spellings of one setting that disagree."""
+    if value is None:
+        return
+    source = alias_key or key
+    if key in values and values[key] != value:
+        first = r.sources[key]
+        raise ImproperlyConfigured(
+            f"DATABASES[{r.alias!r}]['OPTIONS']['pool'] sets {first!r} to {r.raw[first]!r} "
+            f"and {source!r} to {r.raw[source]!r}, which disagree ({key} would be "
+            f"{values[key]!r} or {value!r}). Keep only one of them."
+        )
+    values[key] = value
+    r.sources.setdefault(key, source)
+
+
+_SECRET_WORDS = ("pass", "secret", "dsn", "conninfo", "url", "token", "key")
+
+
+def safe_repr(key: object, value: object) -> str:
+    """``repr(value)``, unless the key suggests a secret: never echo a password."""
+    if any(word in str(key).lower() for word in _SECRET_WORDS):
+        return "'***'"
+    return repr(value)
+
+
+def _suggest(key: str) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1)
+    return f" Did you mean {match[0]!r}?" if match else ""

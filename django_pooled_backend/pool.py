@@ -1,0 +1,256 @@
+"""psycopg_pool's ConnectionPool, taught to reset sessions and explain itself.
+
+What this adds to :class:`psycopg_pool.ConnectionPool`:
+
+* a pipelined session reset (see :mod:`django_pooled_backend.reset`),
+* a borrow-time health check that costs no round trip for a connection used
+  a moment ago (HikariCP's "alive bypass window"), and catches connections
+  the server closed while they sat idle without one,
+* a record of who holds each lent-out connection, and timeout errors that
+  give the pool's state and those holders.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+import time
+from typing import Any
+
+import psycopg
+from psycopg import errors as e
+from psycopg.pq import ConnStatus, TransactionStatus
+from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
+
+from . import reset
+from .options import PoolOptions
+from .tracking import Holder, current_holder
+
+logger = logging.getLogger("django_pooled_backend")
+
+
+class PooledConnection(psycopg.Connection[Any]):
+    """A psycopg connection with the pool's bookkeeping attached."""
+
+    # Time (monotonic) the connection was last returned or checked.
+    _dpb_last_ok: float = 0.0
+    # A reset query was sent and its answer has not been read yet.
+    _dpb_reset_pending: bool = False
+
+
+class DjangoConnectionPool(ConnectionPool[PooledConnection]):
+    """The pool of one database alias (and one set of connection settings)."""
+
+    def __init__(
+        self,
+        *,
+        alias: str,
+        label: str,
+        options: PoolOptions,
+        kwargs: dict[str, Any],
+        configure_sql: list[psycopg.sql.Composable],
+        isolation_level: int | None = None,
+    ) -> None:
+        self.alias = alias
+        # Django's IsolationLevel and psycopg's share values, not a type.
+        self._isolation_level = (
+            None if isolation_level is None else psycopg.IsolationLevel(isolation_level)
+        )
+        self.isolation_level = self._isolation_level
+        # A description of the target that is safe to print: no password.
+        self.label = label
+        self.options = options
+        self.connect_kwargs = kwargs
+        self.holders: dict[int, Holder] = {}
+        self.last_connect_error: str | None = None
+        self._configure_sql = configure_sql
+        self._reset_query: bytes | None = None
+        self._reset_lock = threading.Lock()
+        super().__init__(
+            kwargs=kwargs,
+            connection_class=PooledConnection,
+            min_size=options.min_size,
+            max_size=options.max_size,
+            name=options.name or alias,
+            timeout=options.timeout,
+            max_waiting=options.max_waiting,
+            max_lifetime=options.max_lifetime,
+            max_idle=options.max_idle,
+            reconnect_timeout=options.reconnect_timeout,
+            num_workers=options.num_workers,
+            configure=self._configure_new,
+            check=None if options.check == "never" else self._check_borrowed,
+            open=False,
+        )
+
+    # -- the request path ------------------------------------------------
+
+    def borrow(self) -> PooledConnection:
+        """Lend a clean, live connection to the calling thread."""
+        try:
+            conn = self.getconn()
+        except TooManyRequests as exc:
+            raise TooManyRequests(
+                self.describe_failure(
+                    f"{len(self._waiting)} requests are already waiting "
+                    f"(max_waiting={self.max_waiting})"
+                )
+            ) from exc
+        except PoolTimeout as exc:
+            raise PoolTimeout(
+                self.describe_failure(f"no connection became free within {self.timeout:g} seconds")
+            ) from exc
+        self.holders[id(conn)] = current_holder(conn)
+        return conn
+
+    def give_back(self, conn: PooledConnection) -> None:
+        """Take ``conn`` back from its borrower and start its reset."""
+        self.holders.pop(id(conn), None)
+        # The borrower's last use proves the connection was alive a moment
+        # ago: the next borrow within check_after skips the round trip.
+        conn._dpb_last_ok = time.monotonic()
+        if self.options.reset and not conn.closed:
+            try:
+                self._start_reset(conn)
+            except Exception as exc:  # noqa: BLE001 - any failure discards it
+                logger.warning(
+                    "Discarding a connection of pool %r: the session reset failed (%s).",
+                    self.name,
+                    exc,
+                )
+                conn.close()
+        self.putconn(conn)
+
+    def _start_reset(self, conn: PooledConnection) -> None:
+        status = conn.pgconn.transaction_status
+        if status == TransactionStatus.ACTIVE:
+            # Returned in the middle of an operation: nothing sane to do.
+            raise e.OperationalError("the connection was returned during a query")
+        if status != TransactionStatus.IDLE:
+            # Rare (Django commits or rolls back its own transactions): pay a
+            # round trip here rather than teach the pipelined reset about it.
+            conn.rollback()
+        if not conn.autocommit:
+            conn.autocommit = True
+        if conn.isolation_level != self.isolation_level:
+            conn.isolation_level = self._isolation_level
+        reset.send_reset(conn, self._reset_query_for(conn))
+        conn._dpb_reset_pending = True
+
+    def _reset_query_for(self, conn: PooledConnection) -> bytes:
+        if self._reset_query is None:
+            with self._reset_lock:
+                if self._reset_query is None:
+                    self._reset_query = reset.build_reset_query(self._configure_sql, conn)
+        return self._reset_query
+
+    def _check_borrowed(self, conn: PooledConnection) -> None:
+        # Called by getconn(); raising discards the connection and getconn()
+        # tries another one.
+        try:
+            if conn._dpb_reset_pending:
+                conn._dpb_reset_pending = False
+                reset.finish_reset(conn, self.timeout)
+            pgconn = conn.pgconn
+            if pgconn.status != ConnStatus.OK:
+                raise e.OperationalError("the connection is closed")
+            # A server that closed the connection (pg_terminate_backend,
+            # idle_session_timeout, shutdown) left a message and an EOF on
+            # the socket: that costs a poll, not a round trip, to see.
+            if select.select([pgconn.socket], [], [], 0)[0]:
+                pgconn.consume_input()
+                if pgconn.status != ConnStatus.OK:
+                    raise e.OperationalError("the server closed the connection")
+                while pgconn.notifies() is not None:
+                    pass
+            if self.options.check == "always" or (
+                time.monotonic() - conn._dpb_last_ok > self.options.check_after
+            ):
+                conn.execute("")
+                if self.options.custom_check is not None:
+                    self.options.custom_check(conn)
+                conn._dpb_last_ok = time.monotonic()
+        except Exception:
+            # Never let getconn() put a suspect connection back in the pool.
+            conn.close()
+            raise
+
+    # -- connections coming and going ------------------------------------
+
+    def _configure_new(self, conn: PooledConnection) -> None:
+        # Runs in a pool worker thread: nothing here may touch Django's
+        # per-thread connection objects (that is how Django's own pool
+        # deadlocks with assume_role).
+        conn.isolation_level = self._isolation_level
+        if self._configure_sql:
+            conn.execute(psycopg.sql.SQL("; ").join(self._configure_sql), prepare=False)
+        if self.options.configure is not None:
+            self.options.configure(conn)
+        conn._dpb_last_ok = time.monotonic()
+
+    def _connect(self, timeout: float | None = None) -> PooledConnection:
+        try:
+            conn = super()._connect(timeout)
+        except Exception as exc:
+            # libpq's messages name host and port, never the password.
+            self.last_connect_error = (
+                str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
+            )
+            raise
+        self.last_connect_error = None
+        return conn
+
+    def _reset_connection(self, conn: PooledConnection) -> None:
+        if conn._dpb_reset_pending and not conn.closed:
+            # The reset is in flight: the connection is busy on purpose and
+            # will be finished by the next borrower's check.
+            return
+        super()._reset_connection(conn)
+
+    def check_connection(self, conn: PooledConnection) -> None:  # type: ignore[override]
+        """Used by :meth:`check` on idle connections: finish any reset first."""
+        if conn._dpb_reset_pending:
+            conn._dpb_reset_pending = False
+            reset.finish_reset(conn, self.timeout)
+        ConnectionPool.check_connection(conn)
+
+    # -- explaining itself -------------------------------------------------
+
+    def state(self) -> dict[str, int]:
+        """Size, lent out, idle and waiting, from the pool's own counters."""
+        with self._lock:
+            size = self._nconns
+            idle = len(self._pool)
+            waiting = len(self._waiting)
+        return {
+            "min": self.min_size,
+            "max": self.max_size,
+            "size": size,
+            "idle": idle,
+            "lent": max(size - idle, 0),
+            "waiting": waiting,
+        }
+
+    def describe_failure(self, what: str) -> str:
+        """A message for a failed borrow: what happened, the state, the holders, the fix."""
+        s = self.state()
+        now = time.monotonic()
+        holders = sorted(self.holders.values(), key=lambda h: h.since)
+        lines = [
+            f"Could not get a connection from the pool of database alias "
+            f"{self.alias!r} ({self.label}): {what}. Pool state: size {s['size']} "
+            f"of max {s['max']}, {s['lent']} lent out, {s['idle']} idle, "
+            f"{s['waiting']} waiting."
+        ]
+        if self.last_connect_error:
+            lines.append(f"Last connection error: {self.last_connect_error}")
+        if holders:
+            shown = "; ".join(h.describe(now) for h in holders[:10])
+            more = f" and {len(holders) - 10} more" if len(holders) > 10 else ""
+            lines.append(f"Held by: {shown}{more}.")
+        lines.append(
+            "Raise OPTIONS['pool']['max_size'] or 'timeout', run fewer threads per "
+            "process, or find what holds connections for long (see 'leak_threshold')."
+        )
+        return "\n".join(lines)

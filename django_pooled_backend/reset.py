@@ -1,0 +1,105 @@
+"""What happens to a connection on its way back to the pool.
+
+The next borrower must get a session that carries nothing of the previous
+one: no settings, role, time zone, temporary tables, advisory locks, prepared
+statements, listeners, open cursors or transaction.  ``DISCARD ALL`` does
+nearly that, but refuses to run inside the implicit transaction of a
+multi-statement query, so its parts are spelled out (they are exactly what
+the PostgreSQL manual lists for it, minus ``DISCARD PLANS``: cached plans
+carry no session state and rebuilding them would slow the next borrower).
+The pool's own session state (time zone, ``assume_role``) is then put back
+in the same message.
+
+The reset costs the request no round trip: it is *sent* when the connection
+is returned and its result is *read* when the connection is next borrowed,
+by which time the server has long answered.  If the result is an error, or
+never comes, the connection is discarded, never reused.
+"""
+
+from __future__ import annotations
+
+import select
+from typing import TYPE_CHECKING
+
+from psycopg import errors as e
+from psycopg import sql
+from psycopg.pq import ExecStatus, TransactionStatus
+
+if TYPE_CHECKING:
+    from psycopg import Connection
+
+RESET_STATEMENTS = (
+    "CLOSE ALL",
+    "SET SESSION AUTHORIZATION DEFAULT",
+    "RESET ALL",
+    "DEALLOCATE ALL",
+    "UNLISTEN *",
+    "SELECT pg_advisory_unlock_all()",
+    "DISCARD TEMP",
+    "DISCARD SEQUENCES",
+)
+
+
+def configure_statements(timezone_name: str | None, role: str | None) -> list[sql.Composable]:
+    """The statements that give a session the pool's configured state."""
+    statements: list[sql.Composable] = []
+    if timezone_name:
+        statements.append(sql.SQL("SET TIME ZONE {}").format(sql.Literal(timezone_name)))
+    if role:
+        # A literal, as Django does, so that the role name is taken verbatim.
+        statements.append(sql.SQL("SET ROLE {}").format(sql.Literal(role)))
+    return statements
+
+
+def build_reset_query(configure: list[sql.Composable], conn: Connection[object]) -> bytes:
+    """One simple-protocol query string that resets and reconfigures a session."""
+    parts = [sql.SQL(s) for s in RESET_STATEMENTS] + configure
+    return sql.SQL("; ").join(parts).as_bytes(conn)
+
+
+def send_reset(conn: Connection[object], query: bytes) -> None:
+    """Start the reset of ``conn`` without waiting for the server's answer.
+
+    The connection must be idle.  Raises ``psycopg.OperationalError`` if the
+    query cannot be sent (the connection is then broken).
+    """
+    # Python-side state a borrower may have changed: psycopg applies these
+    # to the next transaction it begins, so they must not outlive the borrow.
+    if conn.read_only is not None:
+        conn.read_only = None
+    if conn.deferrable is not None:
+        conn.deferrable = None
+    conn.pgconn.send_query(query)
+
+
+def finish_reset(conn: Connection[object], timeout: float) -> None:
+    """Read the answer to :func:`send_reset`; raise if the reset did not work."""
+    pgconn = conn.pgconn
+    pgconn.consume_input()
+    if pgconn.is_busy():
+        fileno = pgconn.socket
+        while pgconn.is_busy():
+            ready, _, _ = select.select([fileno], [], [], timeout)
+            if not ready:
+                raise e.OperationalError(
+                    f"the session reset got no answer within {timeout:.1f} seconds"
+                )
+            pgconn.consume_input()
+    error: str | None = None
+    while (result := pgconn.get_result()) is not None:
+        if result.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK) and error is None:
+            error = (result.error_message or b"").decode(errors="replace").strip()
+    if error is not None:
+        raise e.OperationalError(f"the session reset failed: {error}")
+    if pgconn.transaction_status != TransactionStatus.IDLE:
+        raise e.OperationalError("the session reset left the connection in a transaction")
+    # DEALLOCATE ALL dropped every prepared statement; psycopg must forget
+    # the ones it prepared itself or it would try to execute them.  (clear()
+    # also queues a DEALLOCATE ALL of its own, already done: drop it.)
+    prepared = conn._prepared
+    if prepared._names or prepared._counts:
+        prepared.clear()
+        prepared._to_flush.clear()
+    # Notifications queued before UNLISTEN belong to the previous borrower.
+    while pgconn.notifies() is not None:
+        pass

@@ -1,0 +1,186 @@
+"""The README's demo: the testproject under gunicorn, under load, and what the pools did.
+
+Run it with ``bash .ci/demo`` (which sets up the virtualenv first) or, in
+an environment that has the project installed, ``python -m testproject.demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psycopg
+
+from testproject import pgserver
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            conn.request("GET", "/whoami/")
+            if conn.getresponse().status == 200:
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit(f"gunicorn did not answer on 127.0.0.1:{port}")
+
+
+def manage(*args: str) -> None:
+    subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, check=True)
+
+
+class Load:
+    """Client threads sending a mix of reads, writes and slow requests."""
+
+    def __init__(self, port: int, clients: int, seconds: float, items: int) -> None:
+        self.port, self.clients, self.seconds, self.items = port, clients, seconds, items
+        self.latencies: list[float] = []
+        self.errors: dict[str, int] = {}
+        self.lock = threading.Lock()
+
+    def client(self, n: int) -> None:
+        rng = random.Random(n)
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        deadline = time.monotonic() + self.seconds
+        while time.monotonic() < deadline:
+            pick = rng.random()
+            pk = rng.randint(1, self.items)
+            if pick < 0.80:
+                path = f"/items/{pk}/"
+            elif pick < 0.95:
+                path = f"/items/{pk}/order/"
+            else:
+                path = "/slow/?ms=100"
+            started = time.perf_counter()
+            try:
+                conn.request("GET", path)
+                response = conn.getresponse()
+                response.read()
+                ok = response.status == 200
+                key = f"HTTP {response.status}"
+            except (OSError, http.client.HTTPException) as exc:
+                ok, key = False, type(exc).__name__
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+            elapsed = time.perf_counter() - started
+            with self.lock:
+                if ok:
+                    self.latencies.append(elapsed)
+                else:
+                    self.errors[key] = self.errors.get(key, 0) + 1
+        conn.close()
+
+    def run(self) -> None:
+        threads = [threading.Thread(target=self.client, args=(n,)) for n in range(self.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+def server_connections(dsn: str) -> list[tuple[str, str, int]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return conn.execute(
+            "SELECT application_name, state, count(*) FROM pg_stat_activity "
+            "WHERE application_name LIKE 'django_pooled_backend %%' "
+            "GROUP BY 1, 2 ORDER BY 1, 2"
+        ).fetchall()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m testproject.demo")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--max-size", type=int, default=4)
+    args = parser.parse_args(argv)
+
+    url = pgserver.database_url("testproject")
+    dsn = psycopg.conninfo.make_conninfo(url.replace("postgres://", "postgresql://", 1))
+    print(f"== PostgreSQL: {psycopg.conninfo.conninfo_to_dict(dsn).get('host')} (embedded unless DATABASE_URL is set)")
+    print("== migrate and seed")
+    manage("migrate", "--noinput", "-v", "0")
+    items = 100
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE shop_order, shop_item RESTART IDENTITY")
+        conn.execute(
+            "INSERT INTO shop_item (name, quantity, created) "
+            "SELECT 'item ' || i, 0, now() FROM generate_series(1, %s) i",
+            [items],
+        )
+
+    port = free_port()
+    env = {**os.environ, "POOL_MAX_SIZE": str(args.max_size), "POOL_MIN_SIZE": "1"}
+    print(
+        f"== gunicorn: {args.workers} workers x {args.threads} threads on 127.0.0.1:{port}, "
+        f"pool max_size {args.max_size} per worker"
+    )
+    gunicorn = subprocess.Popen(
+        [
+            sys.executable, "-m", "gunicorn", "testproject.wsgi",
+            "--workers", str(args.workers), "--threads", str(args.threads),
+            "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
+        ],
+        cwd=ROOT,
+        env=env,
+    )
+    try:
+        wait_http(port)
+        print(f"== load: {args.clients} clients for {args.seconds:g}s (80% reads, 15% writes, 5% slow)")
+        load = Load(port, args.clients, args.seconds, items)
+        sampler_stop = threading.Event()
+        peak: dict[str, int] = {}
+
+        def sample() -> None:
+            while not sampler_stop.is_set():
+                for app, _state, count in server_connections(dsn):
+                    peak[app] = max(peak.get(app, 0), count)
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        load.run()
+        sampler_stop.set()
+        sampler.join()
+        lat = sorted(load.latencies)
+        done = len(lat)
+        print(f"   requests: {done} ok ({done / args.seconds:.0f}/s), errors: {load.errors or 'none'}")
+        if lat:
+            p50 = statistics.median(lat) * 1000
+            p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
+            print(f"   latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
+        print("== server connections per worker pool (pg_stat_activity), peak during the load:")
+        for app, count in sorted(peak.items()):
+            print(f"   {app}: {count} (max_size {args.max_size})")
+        print("   now:")
+        for app, state, count in server_connections(dsn):
+            print(f"   {app}: {count} {state}")
+    finally:
+        gunicorn.terminate()
+        gunicorn.wait(30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Settings of the testproject: a small real Django project on the pooled ENGINE.
+
+The database comes from ``DATABASE_URL`` (read with django-environ); without
+it, an embedded PostgreSQL server is started (see ``testproject/pgserver.py``).
+Pool options can be tuned from the environment for the demo and bench/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import environ
+
+from testproject import pgserver
+
+BASE_DIR = Path(__file__).resolve().parent
+env = environ.Env()
+
+SECRET_KEY = env.str("DJANGO_SECRET_KEY", default="testproject-not-secret")
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+ALLOWED_HOSTS = ["127.0.0.1", "localhost", "testserver"]
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "django_pooled_backend",
+    "testproject.shop",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+]
+
+ROOT_URLCONF = "testproject.urls"
+WSGI_APPLICATION = "testproject.wsgi.application"
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+_default = env.db_url_config(pgserver.database_url("testproject"))
+# TESTPROJECT_ENGINE lets bench/ and the comparison tests run the same
+# project on Django's stock backend (and its own pool).
+_default["ENGINE"] = env.str("TESTPROJECT_ENGINE", default="django_pooled_backend")
+_default.setdefault("OPTIONS", {})["pool"] = {
+    "min_size": env.int("POOL_MIN_SIZE", default=1),
+    "max_size": env.int("POOL_MAX_SIZE", default=10),
+    "timeout": env.float("POOL_TIMEOUT", default=10.0),
+}
+DATABASES = {"default": _default}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+USE_TZ = True
+TIME_ZONE = "UTC"
+STATIC_URL = "static/"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "loggers": {
+        "django_pooled_backend": {
+            "handlers": ["console"],
+            "level": env.str("POOL_LOG_LEVEL", default="WARNING"),
+        }
+    },
+}

@@ -1,0 +1,89 @@
+"""Shared fixtures: everything runs against the real PostgreSQL server.
+
+``testproject.settings`` starts the embedded server when ``DATABASE_URL`` is
+not set (and stops it when the test process exits).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from django.db import connection
+
+from django_pooled_backend import registry
+from django_pooled_backend.base import DatabaseWrapper
+
+
+def admin_dsn(dbname: str = "postgres") -> str:
+    """A libpq connection string to ``dbname`` on the test server, for the server's view."""
+    url = os.environ["DATABASE_URL"]
+    return psycopg.conninfo.make_conninfo(
+        url.replace("postgres://", "postgresql://", 1), dbname=dbname
+    )
+
+
+@pytest.fixture
+def admin() -> Iterator[psycopg.Connection[Any]]:
+    """A plain psycopg connection outside any pool, to look from the server's side."""
+    with psycopg.connect(admin_dsn(), autocommit=True) as conn:
+        yield conn
+
+
+def server_pids(admin: psycopg.Connection[Any], application_name: str) -> set[int]:
+    """Backend pids of the server connections opened under ``application_name``."""
+    rows = admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s", [application_name]
+    ).fetchall()
+    return {pid for (pid,) in rows}
+
+
+class Wrappers:
+    """Builds DatabaseWrappers for extra aliases on the test database.
+
+    Each alias gets its own pool; every pool made here is closed at the end.
+    """
+
+    def __init__(self) -> None:
+        self.made: list[DatabaseWrapper] = []
+        self.aliases: set[str] = set()
+
+    def __call__(self, alias: str, pool: Any = True, **settings: Any) -> DatabaseWrapper:
+        settings_dict = copy.deepcopy(connection.settings_dict)
+        options = settings.pop("OPTIONS", {})
+        options.setdefault("application_name", self.application_name(alias))
+        settings_dict["OPTIONS"] = {
+            **{k: v for k, v in settings_dict["OPTIONS"].items() if k != "pool"},
+            **options,
+            "pool": pool,
+        }
+        settings_dict.update(settings)
+        wrapper = DatabaseWrapper(settings_dict, alias)
+        self.made.append(wrapper)
+        self.aliases.add(alias)
+        return wrapper
+
+    def application_name(self, alias: str) -> str:
+        return f"dpb-test {alias}"
+
+    def close(self) -> None:
+        for wrapper in self.made:
+            if wrapper.connection is not None:
+                with contextlib.suppress(Exception):
+                    wrapper.close()
+        for alias in self.aliases:
+            registry.close_alias(alias)
+
+
+@pytest.fixture
+def make_wrapper(transactional_db: None) -> Iterator[Wrappers]:
+    wrappers = Wrappers()
+    try:
+        yield wrappers
+    finally:
+        wrappers.close()
