@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 project = "django-pooled-backend"
 author = "django-pooled-backend developers"
-copyright = "2026, django-pooled-backend developers"  # noqa: A001
+copyright = "2026, django-pooled-backend developers"
 release = "0.1.0.dev0"
 
 extensions = ["sphinx.ext.intersphinx"]

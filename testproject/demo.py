@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import random
 import socket
@@ -118,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     url = pgserver.database_url("testproject")
     dsn = psycopg.conninfo.make_conninfo(url.replace("postgres://", "postgresql://", 1))
-    print(f"== PostgreSQL: {psycopg.conninfo.conninfo_to_dict(dsn).get('host')} (embedded unless DATABASE_URL is set)")
+    host = psycopg.conninfo.conninfo_to_dict(dsn).get("host")
+    print(f"== PostgreSQL on {host} (embedded unless DATABASE_URL is set)")
     print("== migrate and seed")
     manage("migrate", "--noinput", "-v", "0")
     items = 100
@@ -138,16 +138,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     gunicorn = subprocess.Popen(
         [
-            sys.executable, "-m", "gunicorn", "testproject.wsgi",
-            "--workers", str(args.workers), "--threads", str(args.threads),
-            "--bind", f"127.0.0.1:{port}", "--log-level", "warning",
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "testproject.wsgi",
+            "--workers",
+            str(args.workers),
+            "--threads",
+            str(args.threads),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--log-level",
+            "warning",
         ],
         cwd=ROOT,
         env=env,
     )
     try:
         wait_http(port)
-        print(f"== load: {args.clients} clients for {args.seconds:g}s (80% reads, 15% writes, 5% slow)")
+        mix = "80% reads, 15% writes, 5% slow"
+        print(f"== load: {args.clients} clients for {args.seconds:g}s ({mix})")
         load = Load(port, args.clients, args.seconds, items)
         sampler_stop = threading.Event()
         peak: dict[str, int] = {}
@@ -165,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         sampler.join()
         lat = sorted(load.latencies)
         done = len(lat)
-        print(f"   requests: {done} ok ({done / args.seconds:.0f}/s), errors: {load.errors or 'none'}")
+        print(
+            f"   requests: {done} ok ({done / args.seconds:.0f}/s), errors: {load.errors or 'none'}"
+        )
         if lat:
             p50 = statistics.median(lat) * 1000
             p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000
