@@ -174,7 +174,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return super().get_new_connection(conn_params)
         level = self._isolation_level_option
         self.isolation_level = level if level is not None else IsolationLevel.READ_COMMITTED
-        return self._lender.borrow()
+        return self._lender.borrow(self)
 
     def init_connection_state(self) -> None:
         if not self.is_pooled:

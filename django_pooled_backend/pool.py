@@ -86,8 +86,16 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
 
     # -- the request path ------------------------------------------------
 
-    def borrow(self) -> PooledConnection:
-        """Lend a clean, live connection to the calling thread."""
+    def borrow(self, owner: object | None = None) -> PooledConnection:
+        """Lend a clean, live connection to the calling thread (for ``owner``).
+
+        ``owner`` is the Django connection object borrowing: if it is
+        garbage-collected while it holds the connection, the connection is
+        reclaimed.
+        """
+        if not self._pool and self.holders:
+            # About to wait: first take back what dead borrowers still hold.
+            self.reclaim_orphans()
         try:
             conn = self.getconn()
         except TooManyRequests as exc:
@@ -101,12 +109,22 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             raise PoolTimeout(
                 self.describe_failure(f"no connection became free within {self.timeout:g} seconds")
             ) from exc
-        self.holders[id(conn)] = current_holder(conn)
+        self.holders[id(conn)] = current_holder(
+            conn, owner, self._owner_gone, full_stack=self.options.leak_threshold is not None
+        )
         return conn
 
     def give_back(self, conn: PooledConnection) -> None:
         """Take ``conn`` back from its borrower and start its reset."""
-        self.holders.pop(id(conn), None)
+        holder = self.holders.pop(id(conn), None)
+        if holder is not None and holder.warned:
+            logger.info(
+                "A connection of pool %r reported as a possible leak came back from %s "
+                "after %.1fs.",
+                self.name,
+                holder.thread.name,
+                holder.held_for(),
+            )
         # The borrower's last use proves the connection was alive a moment
         # ago: the next borrow within check_after skips the round trip.
         conn._dpb_last_ok = time.monotonic()
@@ -175,6 +193,69 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             # Never let getconn() put a suspect connection back in the pool.
             conn.close()
             raise
+
+    # -- borrowers that never come back ------------------------------------
+
+    def _owner_gone(self, ref: object) -> None:
+        # A weakref callback: it may run inside the garbage collector, at
+        # any point of any thread (even one holding the pool's lock), so it
+        # only asks the housekeeping thread to look.
+        from . import registry
+
+        registry.wake_housekeeper()
+
+    def reclaim_orphans(self) -> int:
+        """Take back connections whose borrower can no longer return them."""
+        reclaimed = 0
+        for key, holder in list(self.holders.items()):
+            why = holder.orphaned()
+            if why is None:
+                continue
+            taken = self.holders.pop(key, None)
+            if taken is not holder:
+                # Returned and lent again in the meantime: not ours to take.
+                if taken is not None:
+                    self.holders[key] = taken
+                continue
+            logger.warning(
+                "Reclaimed a connection of pool %r: %s without closing it, %.1fs after "
+                "borrowing it at %s. Close connections in threads that do not run "
+                "inside a request (django.db.connection.close()).",
+                self.name,
+                why,
+                holder.held_for(),
+                holder.where_text(),
+            )
+            self.give_back(holder.conn)
+            reclaimed += 1
+        return reclaimed
+
+    def report_leaks(self, now: float) -> int:
+        """Warn (once per borrow) about connections held past ``leak_threshold``."""
+        threshold = self.options.leak_threshold
+        if threshold is None:
+            return 0
+        reported = 0
+        for holder in list(self.holders.values()):
+            if holder.warned or holder.held_for(now) <= threshold:
+                continue
+            holder.warned = True
+            reported += 1
+            logger.warning(
+                "Possible connection leak in pool %r: thread %s has held a connection "
+                "for %.1fs (leak_threshold is %gs). It was borrowed at:\n%s",
+                self.name,
+                holder.thread.name,
+                holder.held_for(now),
+                threshold,
+                holder.stack_text() or holder.where_text(),
+            )
+        return reported
+
+    def housekeep(self, now: float) -> None:
+        """Periodic work, run by the registry's housekeeping thread."""
+        self.reclaim_orphans()
+        self.report_leaks(now)
 
     # -- connections coming and going ------------------------------------
 

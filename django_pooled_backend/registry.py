@@ -17,6 +17,7 @@ import atexit
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +53,7 @@ def get_pool(key: PoolKey, factory: Callable[[], DjangoConnectionPool]) -> Djang
             pool.open()
             stale = [_pools.pop(k) for k in list(_pools) if k[0] == key[0]]
             _pools[key] = pool
+            _start_housekeeper()
             logger.debug("Opened pool %r for %s.", pool.name, pool.label)
     for old in stale:
         old.close()
@@ -85,6 +87,39 @@ def close_all(timeout: float = 5.0) -> None:
         pool.close(timeout=timeout)
 
 
+HOUSEKEEPING_INTERVAL = 0.5
+_housekeeper: threading.Thread | None = None
+_wake = threading.Event()
+
+
+def wake_housekeeper() -> None:
+    """Ask the housekeeping thread to run now rather than at its next tick."""
+    _wake.set()
+
+
+def _start_housekeeper() -> None:
+    # Called with _lock held.
+    global _housekeeper
+    if _housekeeper is None or not _housekeeper.is_alive():
+        _housekeeper = threading.Thread(
+            target=_housekeep_forever, name="django_pooled_backend housekeeping", daemon=True
+        )
+        _housekeeper.start()
+
+
+def _housekeep_forever() -> None:
+    """Reclaim connections of dead borrowers and report leaks, twice a second."""
+    while True:
+        _wake.wait(HOUSEKEEPING_INTERVAL)
+        _wake.clear()
+        now = time.monotonic()
+        for pool in list(_pools.values()):
+            try:
+                pool.housekeep(now)
+            except Exception:
+                logger.exception("Housekeeping of pool %r failed.", pool.name)
+
+
 def _detach(conn: Any) -> None:
     """Make an inherited connection harmless in the child.
 
@@ -105,27 +140,25 @@ def _detach(conn: Any) -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _lock
+    global _lock, _housekeeper
     _lock = threading.Lock()
+    # Threads do not survive fork(): the child starts its own when it needs one.
+    _housekeeper = None
     pools = list(_pools.values())
     _pools.clear()
     for pool in pools:
-        # Idle connections, and those lent to threads that do not exist in
-        # the child (their objects may still be freed here one day).
-        for conn in [*pool._pool, *(h.conn for h in list(pool.holders.values()))]:
+        for conn in list(pool._pool):
             _detach(conn)
+        # Lent-out connections: the Django connection objects holding them
+        # (the forking thread's, as with gunicorn --preload or Celery
+        # prefork, and other threads' that do not exist in the child) must
+        # forget them, so that the child's next query opens its own.
+        for holder in list(pool.holders.values()):
+            _detach(holder.conn)
+            owner = None if holder.owner is None else holder.owner()
+            if owner is not None and owner.connection is holder.conn:
+                owner.connection = None
         _abandoned.append(pool)
-    # The thread that forked may hold a connection in Django's connection
-    # handler (gunicorn --preload, Celery prefork): forget it there.
-    from django.db import connections
-
-    from .base import DatabaseWrapper
-
-    for wrapper in connections.all(initialized_only=True):
-        pooled = isinstance(wrapper, DatabaseWrapper) and wrapper.is_pooled
-        if pooled and wrapper.connection is not None:
-            _detach(wrapper.connection)
-            wrapper.connection = None
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,8 +1,13 @@
 """Who holds which connection, since when, and from where.
 
-Recording a holder costs a dictionary entry and a frame reference per
-borrow; the stack is only formatted when somebody asks (a timeout message,
-a leak warning, poolstats).
+A :class:`Holder` is recorded for every borrow.  It must not keep the
+borrower alive: it holds the borrowing thread and a *weak* reference to the
+Django connection object that borrowed, and the place of the borrow as code
+objects and line numbers (a frame would keep the borrower's locals, and so
+the borrower itself, alive).  A connection is *orphaned* when its borrower
+can no longer give it back: its thread has ended, or its Django connection
+object was garbage-collected (a ``sync_to_async`` task that ended, a
+thread-local that was cleared).
 """
 
 from __future__ import annotations
@@ -11,62 +16,85 @@ import os
 import sys
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import FrameType
+from types import CodeType
 from typing import Any
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _DJANGO_DIR = os.path.dirname(os.path.abspath(sys.modules["django"].__file__ or ""))
 _SKIP_DIRS = (_PACKAGE_DIR, _DJANGO_DIR, os.path.dirname(threading.__file__))
 
+Place = tuple[CodeType, int]
 
-@dataclass
+
+@dataclass(eq=False)
 class Holder:
     """One borrow of one connection."""
 
     conn: Any
     thread: threading.Thread
     since: float
-    frame: FrameType | None
+    owner: weakref.ref[Any] | None
+    # Innermost first: the first frame outside Django and this package, and
+    # (when leak detection is on) the frames of the whole borrowing stack.
+    where: Place | None
+    stack: tuple[Place, ...] = ()
     warned: bool = field(default=False)
 
     def held_for(self, now: float | None = None) -> float:
         return (time.monotonic() if now is None else now) - self.since
 
-    def where(self) -> str:
-        """The innermost caller outside Django and this package, as file:line."""
-        return describe_frame(self.frame)
-
-    def stack(self, limit: int = 12) -> str:
-        """The borrowing stack, innermost last, for leak warnings."""
-        lines: list[str] = []
-        frame = self.frame
-        while frame is not None and len(lines) < limit:
-            code = frame.f_code
-            lines.append(f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}')
-            frame = frame.f_back
-        return "\n".join(reversed(lines))
+    def orphaned(self) -> str | None:
+        """Why the borrower can no longer return the connection, or None."""
+        if not self.thread.is_alive():
+            return f"thread {self.thread.name!r} ended"
+        if self.owner is not None and self.owner() is None:
+            return f"the connection object of thread {self.thread.name!r} was garbage-collected"
+        return None
 
     def describe(self, now: float | None = None) -> str:
         alive = "" if self.thread.is_alive() else ", thread ended"
         held = self.held_for(now)
-        return f"{self.thread.name} (held {held:.1f}s{alive}, borrowed at {self.where()})"
+        return f"{self.thread.name} (held {held:.1f}s{alive}, borrowed at {self.where_text()})"
+
+    def where_text(self) -> str:
+        if self.where is None:
+            return "unknown"
+        code, line = self.where
+        return f"{_short(code.co_filename)}:{line} in {code.co_name}"
+
+    def stack_text(self) -> str:
+        """The borrowing stack, outermost first, as a traceback prints it."""
+        return "\n".join(
+            f'  File "{code.co_filename}", line {line}, in {code.co_name}'
+            for code, line in reversed(self.stack)
+        )
 
 
-def current_holder(conn: Any) -> Holder:
+def current_holder(
+    conn: Any,
+    owner: object | None,
+    on_owner_gone: Callable[[weakref.ref[Any]], None] | None = None,
+    full_stack: bool = False,
+) -> Holder:
     """A :class:`Holder` of ``conn`` for the calling thread, borrowing now."""
-    # Frame 0 is this function; keep a reference to the caller's chain and
-    # find the interesting frame only when it is asked for.
-    return Holder(conn, threading.current_thread(), time.monotonic(), sys._getframe(1))
-
-
-def describe_frame(frame: FrameType | None) -> str:
+    frame = sys._getframe(1)
+    where: Place | None = None
+    stack: list[Place] = []
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if not filename.startswith(_SKIP_DIRS):
-            return f"{_short(filename)}:{frame.f_lineno} in {frame.f_code.co_name}"
-        frame = frame.f_back
-    return "unknown"
+        code = frame.f_code
+        if full_stack:
+            stack.append((code, frame.f_lineno))
+        if where is None and not code.co_filename.startswith(_SKIP_DIRS):
+            where = (code, frame.f_lineno)
+            if not full_stack:
+                break
+        frame = frame.f_back  # type: ignore[assignment]
+    del frame
+    ref = None if owner is None else weakref.ref(owner, on_owner_gone)
+    return Holder(conn, threading.current_thread(), time.monotonic(), ref, where, tuple(stack))
 
 
 def _short(filename: str) -> str:

@@ -272,7 +272,24 @@ def restart(data_dir: Path = DEFAULT_DATA_DIR, mode: str = "fast") -> Server:
     data_dir = data_dir.resolve()
     server = running(data_dir)
     assert server is not None, "server is not running"
-    _pg_ctl(server.bindir, data_dir, "restart", "-w", "-m", mode, "-o", f"-p {server.port}")
+    # stop + start rather than "pg_ctl restart", which would not log to the
+    # server log but to pg_ctl's own output, and keep our pipe open forever.
+    _pg_ctl(server.bindir, data_dir, "stop", "-w", "-m", mode)
+    log = data_dir / "server.log"
+    result = _pg_ctl(
+        server.bindir,
+        data_dir,
+        "start",
+        "-w",
+        "-t",
+        "60",
+        "-l",
+        str(log),
+        "-o",
+        f"-p {server.port}",
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"PostgreSQL did not restart:\n{log.read_text()[-4000:]}")
     _wait_ready(server)
     return server
 
