@@ -218,7 +218,8 @@ def test_expired_connection_is_replaced_when_it_comes_back(
     second = backend_pid(wrapper)
     wrapper.close()
     assert second != first
-    assert first not in server_pids(admin, make_wrapper.application_name("expiring"))
+    app = make_wrapper.application_name("expiring")
+    assert wait_until(lambda: first not in server_pids(admin, app))
 
 
 def test_idle_connections_above_min_size_are_closed_after_max_idle(

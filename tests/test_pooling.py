@@ -216,7 +216,12 @@ def test_pool_false_uses_plain_connections(
     pid = request_cycle(wrapper)
     assert wrapper.pool is None
     assert registry.pools_for_alias("unpooled") == []
-    assert pid not in server_pids(admin, make_wrapper.application_name("unpooled"))
+    # Closed for real: the server process goes away (a moment after close()).
+    app = make_wrapper.application_name("unpooled")
+    deadline = time.monotonic() + 10
+    while pid in server_pids(admin, app) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert pid not in server_pids(admin, app)
 
 
 def test_bad_pool_option_fails_on_connect_with_improperly_configured(
