@@ -13,7 +13,6 @@ What this adds to :class:`psycopg_pool.ConnectionPool`:
 from __future__ import annotations
 
 import logging
-import select
 import threading
 import time
 from typing import Any
@@ -176,7 +175,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             # A server that closed the connection (pg_terminate_backend,
             # idle_session_timeout, shutdown) left a message and an EOF on
             # the socket: that costs a poll, not a round trip, to see.
-            if select.select([pgconn.socket], [], [], 0)[0]:
+            if reset.readable(pgconn.socket):
                 pgconn.consume_input()
                 if pgconn.status != ConnStatus.OK:
                     raise e.OperationalError("the server closed the connection")

@@ -72,15 +72,26 @@ def send_reset(conn: Connection[object], query: bytes) -> None:
     conn.pgconn.send_query(query)
 
 
+def readable(fileno: int) -> bool:
+    """Whether the server sent something (or closed the socket); never waits.
+
+    poll(), not select(): a busy process may well have file descriptors
+    above select()'s limit of 1024.
+    """
+    poller = select.poll()
+    poller.register(fileno, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def finish_reset(conn: Connection[object], timeout: float) -> None:
     """Read the answer to :func:`send_reset`; raise if the reset did not work."""
     pgconn = conn.pgconn
     pgconn.consume_input()
     if pgconn.is_busy():
-        fileno = pgconn.socket
+        poller = select.poll()
+        poller.register(pgconn.socket, select.POLLIN)
         while pgconn.is_busy():
-            ready, _, _ = select.select([fileno], [], [], timeout)
-            if not ready:
+            if not poller.poll(timeout * 1000):
                 raise e.OperationalError(
                     f"the session reset got no answer within {timeout:.1f} seconds"
                 )
