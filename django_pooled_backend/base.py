@@ -32,6 +32,8 @@ if not is_psycopg3:  # pragma: no cover - depends on the environment
         "pool). Install it with: pip install 'psycopg[binary,pool]>=3.2'."
     )
 
+from .session import StatementJudge, TrackingCursor, TrackingServerBindingCursor
+
 try:
     from .pool import DjangoConnectionPool
 except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -128,6 +130,17 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # psycopg_pool wants idle connections in autocommit; Django sets the
         # mode it wants on every borrow, as it does on every connect.
         kwargs["autocommit"] = True
+        judge = None
+        user_options = self.settings_dict["OPTIONS"]
+        if "cursor_factory" not in user_options:
+            # Django's own cursor classes, taught to note what may dirty the
+            # session (see session.py).
+            kwargs["cursor_factory"] = (
+                TrackingServerBindingCursor
+                if user_options.get("server_side_binding") is True
+                else TrackingCursor
+            )
+            judge = StatementJudge()
         kwargs.setdefault(
             "application_name", f"django_pooled_backend {self.alias} {os.getpid()}@{_HOSTNAME}"[:63]
         )
@@ -147,6 +160,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 self.timezone_name, sd["OPTIONS"].get("assume_role")
             ),
             isolation_level=self._isolation_level_option,
+            judge=judge,
         )
         return pool
 
@@ -195,6 +209,12 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self.connection = None
         with self.wrap_database_errors:
             self._lender.give_back(conn)
+
+    def create_cursor(self, name: str | None = None) -> Any:
+        if name and self.is_pooled and self.connection is not None:
+            # A server-side cursor is declared WITH HOLD outside transactions.
+            self.connection._dpb_dirty = True
+        return super().create_cursor(name)
 
     def close_if_health_check_failed(self) -> None:
         if self.is_pooled:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 from django.core.exceptions import ImproperlyConfigured
 
 CheckMode = Literal["auto", "always", "never"]
+ResetMode = Literal["auto", "always", "never"]
 ReleaseMode = Literal["request"]
 
 # SQLAlchemy's QueuePool vocabulary, as used by the most-read pooling
@@ -56,7 +57,7 @@ class PoolOptions:
     reconnect_timeout: float = 300.0
     num_workers: int = 2
     name: str | None = None
-    reset: bool = True
+    reset: ResetMode = "auto"
     check: CheckMode = "auto"
     check_after: float = 0.5
     leak_threshold: float | None = None
@@ -229,13 +230,18 @@ def parse_pool_options(alias: str, raw: object) -> PoolOptions:
             )
         values["name"] = raw["name"]
     if "reset" in raw:
-        if not isinstance(raw["reset"], bool):
+        reset = raw["reset"]
+        if reset is True or reset is False:
+            values["reset"] = "auto" if reset else "never"
+        elif reset in ("auto", "always", "never"):
+            values["reset"] = reset
+        else:
             raise r.fail(
                 "reset",
-                "it must be True or False",
-                "Leave it out (True): the session is reset before the next borrower gets it.",
+                "it must be 'auto', 'always', 'never', True or False",
+                "Leave it out ('auto'): a session that may have been changed is reset "
+                "before the next borrower gets it.",
             )
-        values["reset"] = raw["reset"]
     if "release" in raw and raw["release"] != "request":
         raise r.fail(
             "release", "the only release mode is 'request'", "Use 'request' or leave it out."

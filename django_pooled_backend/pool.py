@@ -24,6 +24,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from . import reset
 from .options import PoolOptions
+from .session import StatementJudge
 from .tracking import Holder, current_holder
 
 logger = logging.getLogger("django_pooled_backend")
@@ -36,6 +37,10 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpb_last_ok: float = 0.0
     # A reset query was sent and its answer has not been read yet.
     _dpb_reset_pending: bool = False
+    # The borrower ran something that may have changed session state.
+    _dpb_dirty: bool = False
+    # Judges the statements run on this connection (None: every one dirties).
+    _dpb_judge: StatementJudge | None = None
 
 
 class DjangoConnectionPool(ConnectionPool[PooledConnection]):
@@ -50,8 +55,12 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         kwargs: dict[str, Any],
         configure_sql: list[psycopg.sql.Composable],
         isolation_level: int | None = None,
+        judge: StatementJudge | None = None,
     ) -> None:
         self.alias = alias
+        # Judges statements for the "auto" reset; None when the cursor class
+        # is the user's own, so that nothing can be judged.
+        self.judge = judge if options.reset == "auto" else None
         # Django's IsolationLevel and psycopg's share values, not a type.
         self._isolation_level = (
             None if isolation_level is None else psycopg.IsolationLevel(isolation_level)
@@ -127,7 +136,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         # The borrower's last use proves the connection was alive a moment
         # ago: the next borrow within check_after skips the round trip.
         conn._dpb_last_ok = time.monotonic()
-        if self.options.reset and not conn.closed:
+        if self.options.reset != "never" and not conn.closed:
             try:
                 self._start_reset(conn)
             except Exception as exc:  # noqa: BLE001 - any failure discards it
@@ -152,8 +161,12 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             conn.autocommit = True
         if conn.isolation_level != self.isolation_level:
             conn.isolation_level = self._isolation_level
-        reset.send_reset(conn, self._reset_query_for(conn))
-        conn._dpb_reset_pending = True
+        if self.options.reset == "always" or conn._dpb_dirty or self.judge is None:
+            reset.send_reset(conn, self._reset_query_for(conn))
+            conn._dpb_reset_pending = True
+            conn._dpb_dirty = False
+        elif conn.read_only is not None or conn.deferrable is not None:
+            reset.forget_transaction_options(conn)
 
     def _reset_query_for(self, conn: PooledConnection) -> bytes:
         if self._reset_query is None:
@@ -175,14 +188,20 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             # A server that closed the connection (pg_terminate_backend,
             # idle_session_timeout, shutdown) left a message and an EOF on
             # the socket: that costs a poll, not a round trip, to see.
-            if reset.readable(pgconn.socket):
+            # Data on an idle connection is most often a goodbye (the server
+            # sends its FATAL message, then closes), which may not all have
+            # arrived yet: then a round trip tells for sure.
+            suspect = reset.readable(pgconn.socket)
+            if suspect:
                 pgconn.consume_input()
                 if pgconn.status != ConnStatus.OK:
                     raise e.OperationalError("the server closed the connection")
                 while pgconn.notifies() is not None:
                     pass
-            if self.options.check == "always" or (
-                time.monotonic() - conn._dpb_last_ok > self.options.check_after
+            if (
+                suspect
+                or self.options.check == "always"
+                or time.monotonic() - conn._dpb_last_ok > self.options.check_after
             ):
                 conn.execute("")
                 if self.options.custom_check is not None:
@@ -267,6 +286,15 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             conn.execute(psycopg.sql.SQL("; ").join(self._configure_sql), prepare=False)
         if self.options.configure is not None:
             self.options.configure(conn)
+        judge = self.judge
+        if judge is not None and not judge.ready:
+            try:
+                judge.learn(conn)
+            except psycopg.Error as exc:
+                # Until it knows the server, the judge finds every statement dirty.
+                logger.warning("Pool %r could not read the server's catalog: %s", self.name, exc)
+        conn._dpb_judge = judge
+        conn._dpb_dirty = False
         conn._dpb_last_ok = time.monotonic()
 
     def _connect(self, timeout: float | None = None) -> PooledConnection:

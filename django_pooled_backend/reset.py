@@ -63,13 +63,17 @@ def send_reset(conn: Connection[object], query: bytes) -> None:
     The connection must be idle.  Raises ``psycopg.OperationalError`` if the
     query cannot be sent (the connection is then broken).
     """
-    # Python-side state a borrower may have changed: psycopg applies these
-    # to the next transaction it begins, so they must not outlive the borrow.
+    forget_transaction_options(conn)
+    conn.pgconn.send_query(query)
+
+
+def forget_transaction_options(conn: Connection[object]) -> None:
+    """Drop psycopg's read_only/deferrable: they would apply to the next borrower's
+    transactions."""
     if conn.read_only is not None:
         conn.read_only = None
     if conn.deferrable is not None:
         conn.deferrable = None
-    conn.pgconn.send_query(query)
 
 
 def readable(fileno: int) -> bool:

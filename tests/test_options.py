@@ -15,7 +15,7 @@ def test_true_gives_the_documented_defaults() -> None:
     options = parse_pool_options("default", True)
     assert options == PoolOptions()
     assert (options.min_size, options.max_size, options.timeout) == (1, 10, 10.0)
-    assert options.reset is True
+    assert options.reset == "auto"
     assert options.check == "auto"
 
 
@@ -165,7 +165,7 @@ def test_check_accepts_a_callable_like_django_6() -> None:
         ),
         (
             {"reset": "no"},
-            ["['pool']['reset'] is 'no'", "it must be True or False"],
+            ["['pool']['reset'] is 'no'", "it must be 'auto', 'always', 'never', True or False"],
         ),
         (
             {"max_waiting": -1},
