@@ -25,6 +25,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from . import reset
 from .options import PoolOptions
+from .stats import PoolCounters
 from .tracking import Holder, current_holder
 
 logger = logging.getLogger("django_pooled_backend")
@@ -64,6 +65,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         self.connect_kwargs = kwargs
         self.holders: dict[int, Holder] = {}
         self.last_connect_error: str | None = None
+        self.counters = PoolCounters()  # stats: see stats.py
         self._configure_sql = configure_sql
         self._reset_query: bytes | None = None
         self._reset_lock = threading.Lock()
@@ -88,9 +90,11 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
 
     def borrow(self) -> PooledConnection:
         """Lend a clean, live connection to the calling thread."""
+        started = time.monotonic()  # stats: wait time
         try:
             conn = self.getconn()
         except TooManyRequests as exc:
+            self.counters.rejected += 1  # stats
             raise TooManyRequests(
                 self.describe_failure(
                     f"{len(self._waiting)} requests are already waiting "
@@ -98,10 +102,13 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 )
             ) from exc
         except PoolTimeout as exc:
+            self.counters.timeouts += 1  # stats
+            self.counters.waits.append(time.monotonic() - started)  # stats
             raise PoolTimeout(
                 self.describe_failure(f"no connection became free within {self.timeout:g} seconds")
             ) from exc
         self.holders[id(conn)] = current_holder(conn)
+        self.counters.waits.append(time.monotonic() - started)  # stats
         return conn
 
     def give_back(self, conn: PooledConnection) -> None:
@@ -113,7 +120,9 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         if self.options.reset and not conn.closed:
             try:
                 self._start_reset(conn)
+                self.counters.resets += 1  # stats
             except Exception as exc:  # noqa: BLE001 - any failure discards it
+                self.counters.resets_failed += 1  # stats
                 logger.warning(
                     "Discarding a connection of pool %r: the session reset failed (%s).",
                     self.name,
@@ -151,7 +160,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         try:
             if conn._dpb_reset_pending:
                 conn._dpb_reset_pending = False
-                reset.finish_reset(conn, self.timeout)
+                self._finish_reset(conn)  # stats: counts failures
             pgconn = conn.pgconn
             if pgconn.status != ConnStatus.OK:
                 raise e.OperationalError("the connection is closed")
@@ -212,8 +221,23 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         """Used by :meth:`check` on idle connections: finish any reset first."""
         if conn._dpb_reset_pending:
             conn._dpb_reset_pending = False
-            reset.finish_reset(conn, self.timeout)
+            self._finish_reset(conn)  # stats: counts failures
         ConnectionPool.check_connection(conn)
+
+    # -- statistics (see stats.py) -----------------------------------------
+
+    def _finish_reset(self, conn: PooledConnection) -> None:
+        try:
+            reset.finish_reset(conn, self.timeout)
+        except Exception:
+            self.counters.resets_failed += 1
+            raise
+
+    def _close_connection(self, conn: PooledConnection) -> None:
+        # Every connection the pool closes on purpose: expired, idle above
+        # min_size, or the pool closing.  Broken ones are counted as lost.
+        self.counters.closed += 1
+        super()._close_connection(conn)
 
     # -- explaining itself -------------------------------------------------
 

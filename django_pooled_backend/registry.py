@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
+from . import stats
+
 if TYPE_CHECKING:
     from .pool import DjangoConnectionPool
 
@@ -53,6 +55,7 @@ def get_pool(key: PoolKey, factory: Callable[[], DjangoConnectionPool]) -> Djang
             stale = [_pools.pop(k) for k in list(_pools) if k[0] == key[0]]
             _pools[key] = pool
             logger.debug("Opened pool %r for %s.", pool.name, pool.label)
+            stats.start_publishing()  # once per process; see stats.py
     for old in stale:
         old.close()
     return pool
