@@ -315,6 +315,10 @@ def render_prometheus(report: Report) -> str:
 # -- text ------------------------------------------------------------------------
 
 
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
@@ -344,7 +348,8 @@ def render_text(report: Report, max_wait: float = DEFAULT_MAX_WAIT) -> str:
     hosts = sorted({p.snapshot["host"] for p in report.live})
     alias = f", database alias {report.alias!r}" if report.alias else ""
     lines = [
-        f"Pools of {len(report.live)} processes on {', '.join(hosts) or HOSTNAME}{alias} at {when}",
+        f"Pools of {_count(len(report.live), 'process', 'processes')} on "
+        f"{', '.join(hosts) or HOSTNAME}{alias} at {when}",
         f"(snapshots in {report.directory})",
         "",
     ]
