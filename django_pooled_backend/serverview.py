@@ -48,7 +48,7 @@ class Owner:
     alias: str
     states: dict[str, int] = field(default_factory=dict)
     oldest_connection_s: float = 0.0
-    longest_state_s: float = 0.0
+    longest_state_s: float | None = None
     longest_state: str = ""
     oldest_transaction_s: float | None = None
 
@@ -72,8 +72,10 @@ class Owner:
             "connections": self.connections,
             "states": dict(sorted(self.states.items())),
             "oldest_connection_s": round(self.oldest_connection_s, 3),
-            "longest_in_state_s": round(self.longest_state_s, 3),
-            "longest_in_state": self.longest_state,
+            "longest_in_state_s": None
+            if self.longest_state_s is None
+            else round(self.longest_state_s, 3),
+            "longest_in_state": self.longest_state or None,
             "oldest_transaction_s": None
             if self.oldest_transaction_s is None
             else round(self.oldest_transaction_s, 3),
@@ -153,7 +155,9 @@ def query(alias: str, params: dict[str, Any]) -> ServerView:
         state = state or "unknown"
         owner.states[state] = owner.states.get(state, 0) + 1
         owner.oldest_connection_s = max(owner.oldest_connection_s, conn_age or 0.0)
-        if (state_age or 0.0) > owner.longest_state_s:
+        if state_age is not None and (
+            owner.longest_state_s is None or state_age > owner.longest_state_s
+        ):
             owner.longest_state_s, owner.longest_state = state_age, state
         if xact_age is not None:
             owner.oldest_transaction_s = max(owner.oldest_transaction_s or 0.0, xact_age)
@@ -199,7 +203,9 @@ def render_text(views: list[ServerView]) -> str:
                     o.states.get("idle in transaction", 0)
                     + o.states.get("idle in transaction (aborted)", 0),
                     f"{o.oldest_connection_s:.1f}s",
-                    f"{o.longest_state_s:.1f}s ({o.longest_state})",
+                    "-"
+                    if o.longest_state_s is None
+                    else f"{o.longest_state_s:.1f}s ({o.longest_state})",
                 ]
                 for o in view.owners
             ]

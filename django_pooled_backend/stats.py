@@ -261,7 +261,7 @@ def snapshot_process(
         "schema": SCHEMA,
         "pid": os.getpid(),
         "host": HOSTNAME,
-        "program": os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python",
+        "program": _program(),
         "start_time": _own_start_time(),
         "time": time.time(),
         "interval": interval,
@@ -335,6 +335,15 @@ def process_start_time(pid: int) -> str | None:
     """When ``pid`` started (Linux ``/proc``), to tell a reused pid from the writer."""
     fields = _proc_stat(pid)
     return fields[19] if fields is not None and len(fields) > 19 else None
+
+
+def _program() -> str:
+    """What runs: ``gunicorn``, ``celery``, ``manage.py`` (never its arguments)."""
+    path = sys.argv[0] if sys.argv and sys.argv[0] else "python"
+    name = os.path.basename(path)
+    if name == "__main__.py":  # python -m gunicorn
+        name = os.path.basename(os.path.dirname(path))
+    return name
 
 
 _start_times: dict[int, str | None] = {}
