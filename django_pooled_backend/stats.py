@@ -231,7 +231,8 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
         "max_size": state["max"],
         "size": state["size"],
         "idle": state["idle"],
-        "lent": state["lent"],
+        # Not size - idle: size also counts connections being opened.
+        "lent": len(holders),
         "waiting": len(waiters),
         "oldest_waiter_s": oldest_waiter,
         "requests": requests,
@@ -317,14 +318,12 @@ def default_directory() -> Path:
 
 
 def ensure_directory(directory: Path) -> None:
-    """Create ``directory`` (mode 0700), refusing a default one another user controls."""
+    """Create ``directory`` (mode 0700), refusing a per-user one another user controls."""
     base = directory.parent
-    if base.name == f"django_pooled_backend-{os.getuid()}" and base.parent == Path(
-        tempfile.gettempdir()
-    ):
+    if base.name == f"django_pooled_backend-{os.getuid()}":
         # In a shared temporary directory somebody else could have created
         # the path first, to read or feed our snapshots.
-        base.mkdir(mode=0o700, exist_ok=True)
+        base.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = os.lstat(base)
         if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
             raise PermissionError(f"{base} is not a directory owned by uid {os.getuid()}")
