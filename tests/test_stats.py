@@ -781,3 +781,22 @@ def test_server_that_cannot_be_reached_is_a_command_error_without_password() -> 
     assert "(database alias 'default')" in message
     assert "wrong-pw-123" not in message
     assert "\n" not in message
+
+
+def test_server_view_attributes_this_process_connections(transactional_db: None) -> None:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+    document = StringIO()
+    call_command("poolstats", "--server", "--json", stdout=document)
+    connection.close()
+    (view,) = json.loads(document.getvalue())["servers"]
+    (mine,) = [p for p in view["pools"] if p["pid"] == os.getpid()]
+    assert (mine["host"], mine["alias"], mine["process"]) == (stats.HOSTNAME, "default", "running")
+    assert mine["states"].get("idle", 0) + mine["states"].get("active", 0) >= 1
+    assert mine["oldest_connection_s"] >= 0
+    text = StringIO()
+    call_command("poolstats", "--server", "--database", "default", stdout=text)
+    assert f"  {os.getpid()}  default  running" in text.getvalue()
+    assert "headroom" in text.getvalue()
