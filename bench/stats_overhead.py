@@ -78,7 +78,8 @@ def extract(rev: str, into: Path) -> Path:
 
 
 def run_child(pythonpath: Path, cycles: int, batch: int) -> dict[str, float | str]:
-    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    # The variant first, then this tree for testproject.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(pythonpath), str(ROOT)])}
     result = subprocess.run(
         [sys.executable, __file__, "--child", "--cycles", str(cycles), "--batch", str(batch)],
         cwd=ROOT,
@@ -149,9 +150,20 @@ def main() -> int:
     print(f"connect/close cycle (median of {args.runs} runs x {args.cycles} cycles):")
     for name in ("without", "with"):
         values = ", ".join(f"{v:.1f}" for v in results[name])
-        print(f"  {name:7} statistics: {med[name]:7.2f} us   (runs: {values})")
-    diff = med["with"] - med["without"]
-    print(f"  difference: {diff:+.2f} us ({diff / med['without'] * 100:+.1f}%), base {base[:10]}")
+        best = min(results[name])
+        print(f"  {name:7} statistics: median {med[name]:7.2f} us, best {best:7.2f} us")
+        print(f"          runs: {values}")
+    # Each run of one variant ran right next to one of the other: the
+    # median of those paired differences is the least sensitive to drift.
+    paired = statistics.median(
+        w - wo for w, wo in zip(results["with"], results["without"], strict=True)
+    )
+    best = min(results["without"])
+    print(
+        f"  paired difference (median): {paired:+.2f} us; difference of the best runs: "
+        f"{min(results['with']) - best:+.2f} us ({(min(results['with']) - best) / best:+.1%}); "
+        f"base {base[:10]}"
+    )
     cost = hooks()
     print("statements added, alone (best of 5 x 1,000,000):")
     print(f"  borrow: {cost['borrow']:.0f} ns, return: {cost['give_back']:.0f} ns")

@@ -18,7 +18,7 @@ from django.db.backends.postgresql import base as postgresql
 
 from .stats import HOSTNAME, pid_alive
 
-APPLICATION_NAME = "django_pooled_backend poolstats"
+APPLICATION_NAME = "poolstats (django_pooled_backend)"
 _OURS = re.compile(r"^django_pooled_backend (?P<alias>\S+) (?P<pid>\d+)@(?P<host>.+)$")
 STATES = ("active", "idle", "idle in transaction", "idle in transaction (aborted)")
 

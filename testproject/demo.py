@@ -77,7 +77,15 @@ class Load:
         rng = random.Random(n)
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         deadline = time.monotonic() + self.seconds
+        sent = 0
         while time.monotonic() < deadline or not self.hold.is_set():
+            sent += 1
+            if sent % 20 == 0:
+                # A keep-alive connection stays with the worker that accepted
+                # it: reconnect now and then, as browsers do, so that every
+                # worker gets its share.
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
             pick = rng.random()
             pk = rng.randint(1, self.items)
             if pick < 0.80:

@@ -800,3 +800,15 @@ def test_server_view_attributes_this_process_connections(transactional_db: None)
     call_command("poolstats", "--server", "--database", "default", stdout=text)
     assert f"  {os.getpid()}  default  running" in text.getvalue()
     assert "headroom" in text.getvalue()
+
+
+def test_system_check_reports_bad_statistics_settings(settings: Any) -> None:
+    from django_pooled_backend.checks import check_stats_settings
+
+    assert check_stats_settings() == []
+    settings.POOLED_BACKEND_STATS_DIR = 42
+    settings.POOLED_BACKEND_STATS_INTERVAL = "1s"
+    errors = check_stats_settings()
+    assert [e.id for e in errors] == ["django_pooled_backend.E003"] * 2
+    assert "POOLED_BACKEND_STATS_DIR is 42" in errors[0].msg
+    assert "POOLED_BACKEND_STATS_INTERVAL is '1s'" in errors[1].msg
