@@ -199,7 +199,11 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
     now = time.monotonic() if now is None else now
     counters = pool.counters
     state = pool.state()
-    ps = pool.get_stats()
+    ps: dict[str, int] = {}
+    for _ in range(5):  # psycopg_pool's Counter grows a key on first use
+        with contextlib.suppress(RuntimeError):
+            ps = pool.get_stats()
+            break
 
     # Clients that timed out stay in psycopg_pool's queue until the next
     # connection comes back: they are not waiting any more.
