@@ -9,14 +9,17 @@ pool statistics of its own) and with its own ``application_name``.
 
 from __future__ import annotations
 
+import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from django.db import connections
 from django.db.backends.postgresql import base as postgresql
 
-from .stats import HOSTNAME, pid_alive
+from .stats import HOSTNAME, SCHEMA, pid_alive
 
 APPLICATION_NAME = "poolstats (django_pooled_backend)"
 _OURS = re.compile(r"^django_pooled_backend (?P<alias>\S+) (?P<pid>\d+)@(?P<host>.+)$")
@@ -172,6 +175,42 @@ def query(alias: str, params: dict[str, Any]) -> ServerView:
         owners=sorted(owners.values(), key=lambda o: (o.host, o.pid, o.alias)),
         others=others,
     )
+
+
+class Unreachable(Exception):
+    """The server of an alias could not be asked (the message names it, no password)."""
+
+
+def collect(aliases: list[str]) -> list[ServerView]:
+    """One view per distinct server (host and port) of ``aliases``."""
+    views = []
+    seen: set[str] = set()
+    for alias in aliases:
+        params = connection_params(connections[alias])
+        label = server_label(params)
+        if label in seen:
+            continue
+        seen.add(label)
+        try:
+            views.append(query(alias, params))
+        except psycopg.Error as exc:
+            # libpq's messages name the host and port, never the password.
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            raise Unreachable(
+                f"Could not read pg_stat_activity on {label} (database alias {alias!r}): {first}"
+            ) from exc
+    return views
+
+
+def render_json(views: list[ServerView]) -> str:
+    """The ``--server --json`` document."""
+    document = {
+        "version": SCHEMA,
+        "time": round(time.time(), 3),
+        "host": HOSTNAME,
+        "servers": [view.as_dict() for view in views],
+    }
+    return json.dumps(document, indent=2) + "\n"
 
 
 def render_text(views: list[ServerView]) -> str:

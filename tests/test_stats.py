@@ -758,7 +758,9 @@ def test_server_view_without_any_pooled_alias_is_refused(settings: Any) -> None:
     set_databases(
         settings, {"legacy": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
     )
-    with pytest.raises(CommandError, match="No database alias uses ENGINE 'django_pooled_backend'"):
+    with pytest.raises(
+        CommandError, match="No alias in settings.DATABASES uses ENGINE 'django_pooled_backend'"
+    ):
         call_command("poolstats", "--server", stdout=StringIO())
 
 

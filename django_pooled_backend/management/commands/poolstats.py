@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
-from django.db import connections
 
 from django_pooled_backend import poolstats, serverview, stats
 from django_pooled_backend.checks import ENGINE, pooled_aliases
@@ -100,36 +97,17 @@ class Command(BaseCommand):
             return
 
     def server_view(self, alias: str | None, as_json: bool) -> str:
-        views = []
-        seen: set[str] = set()
         aliases = [alias] if alias is not None else pooled_aliases()
         if not aliases:
             raise CommandError(
-                f"No database alias uses ENGINE {ENGINE!r}: there is no server to look at. "
-                "Use --database to name one."
+                f"No alias in settings.DATABASES uses ENGINE {ENGINE!r}: there is no pooled "
+                "database server to look at."
             )
-        for name in aliases:
-            params = serverview.connection_params(connections[name])
-            label = serverview.server_label(params)
-            if label in seen:
-                continue
-            seen.add(label)
-            try:
-                views.append(serverview.query(name, params))
-            except psycopg.Error as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-                raise CommandError(
-                    f"Could not read pg_stat_activity on {label} (database alias {name!r}): {first}"
-                ) from exc
-        if as_json:
-            document = {
-                "version": stats.SCHEMA,
-                "time": round(time.time(), 3),
-                "host": stats.HOSTNAME,
-                "servers": [view.as_dict() for view in views],
-            }
-            return json.dumps(document, indent=2) + "\n"
-        return serverview.render_text(views)
+        try:
+            views = serverview.collect(aliases)
+        except serverview.Unreachable as exc:
+            raise CommandError(str(exc)) from exc
+        return serverview.render_json(views) if as_json else serverview.render_text(views)
 
 
 def check(report: poolstats.Report, max_wait: float) -> None:
