@@ -208,6 +208,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             )
             raise
         self.last_connect_error = None
+        self.counters.opened += 1  # stats
         return conn
 
     def _reset_connection(self, conn: PooledConnection) -> None:

@@ -83,6 +83,7 @@ class PoolCounters:
         "_waiters_seen",
         "closed",
         "leaks",
+        "opened",
         "reclaims",
         "rejected",
         "resets",
@@ -96,6 +97,7 @@ class PoolCounters:
         self.resets_failed = 0
         self.timeouts = 0
         self.rejected = 0
+        self.opened = 0
         self.closed = 0
         self.leaks = 0
         self.reclaims = 0
@@ -225,7 +227,6 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
 
     requests = ps.get("requests_num", 0)
     errors = ps.get("requests_errors", 0)
-    attempts = ps.get("connections_num", 0)
     connect_errors = ps.get("connections_errors", 0)
     return {
         "alias": pool.alias,
@@ -246,7 +247,8 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
         "timeouts": counters.timeouts,
         "rejected": counters.rejected,
         "connection_errors": connect_errors,
-        "connections_opened": max(attempts - connect_errors, 0),
+        # Not attempts - errors: that counts attempts still in progress.
+        "connections_opened": counters.opened,
         "connections_closed": counters.closed,
         "connections_lost": ps.get("connections_lost", 0) + ps.get("returns_bad", 0),
         "resets": counters.resets,
