@@ -49,3 +49,23 @@ def check_pool_options(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
                 )
             )
     return errors
+
+
+@checks.register()
+def check_stats_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """POOLED_BACKEND_STATS_DIR and POOLED_BACKEND_STATS_INTERVAL have usable values."""
+    from .stats import configured_directory, configured_interval
+
+    errors: list[checks.CheckMessage] = []
+    for read in (configured_directory, configured_interval):
+        try:
+            read()
+        except ImproperlyConfigured as exc:
+            errors.append(
+                checks.Error(
+                    str(exc),
+                    hint="See the 'poolstats' page of the django-pooled-backend docs.",
+                    id="django_pooled_backend.E003",
+                )
+            )
+    return errors

@@ -25,6 +25,7 @@ from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 from . import reset
 from .options import PoolOptions
 from .session import StatementJudge
+from .stats import PoolCounters
 from .tracking import Holder, current_holder
 
 logger = logging.getLogger("django_pooled_backend")
@@ -72,6 +73,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         self.connect_kwargs = kwargs
         self.holders: dict[int, Holder] = {}
         self.last_connect_error: str | None = None
+        self.counters = PoolCounters()  # stats: see stats.py
         self._configure_sql = configure_sql
         self._reset_query: bytes | None = None
         self._reset_lock = threading.Lock()
@@ -101,12 +103,14 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         garbage-collected while it holds the connection, the connection is
         reclaimed.
         """
+        started = time.monotonic()  # stats: wait time
         if not self._pool and self.holders:
             # About to wait: first take back what dead borrowers still hold.
             self.reclaim_orphans()
         try:
             conn = self.getconn()
         except TooManyRequests as exc:
+            self.counters.rejected += 1  # stats
             raise TooManyRequests(
                 self.describe_failure(
                     f"{len(self._waiting)} requests are already waiting "
@@ -114,12 +118,15 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 )
             ) from exc
         except PoolTimeout as exc:
+            self.counters.timeouts += 1  # stats
+            self.counters.waits.append(time.monotonic() - started)  # stats
             raise PoolTimeout(
                 self.describe_failure(f"no connection became free within {self.timeout:g} seconds")
             ) from exc
         self.holders[id(conn)] = current_holder(
             conn, owner, self._owner_gone, full_stack=self.options.leak_threshold is not None
         )
+        self.counters.waits.append(time.monotonic() - started)  # stats
         return conn
 
     def give_back(self, conn: PooledConnection) -> None:
@@ -140,6 +147,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             try:
                 self._start_reset(conn)
             except Exception as exc:  # noqa: BLE001 - any failure discards it
+                self.counters.resets_failed += 1  # stats
                 logger.warning(
                     "Discarding a connection of pool %r: the session reset failed (%s).",
                     self.name,
@@ -165,6 +173,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             reset.send_reset(conn, self._reset_query_for(conn))
             conn._dpb_reset_pending = True
             conn._dpb_dirty = False
+            self.counters.resets += 1  # stats
         elif conn.read_only is not None or conn.deferrable is not None:
             reset.forget_transaction_options(conn)
 
@@ -181,7 +190,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         try:
             if conn._dpb_reset_pending:
                 conn._dpb_reset_pending = False
-                reset.finish_reset(conn, self.timeout)
+                self._finish_reset(conn)  # stats: counts failures
             pgconn = conn.pgconn
             if pgconn.status != ConnStatus.OK:
                 raise e.OperationalError("the connection is closed")
@@ -244,6 +253,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 holder.held_for(),
                 holder.where_text(),
             )
+            self.counters.reclaims += 1  # stats
             self.give_back(holder.conn)
             reclaimed += 1
         return reclaimed
@@ -259,6 +269,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 continue
             holder.warned = True
             reported += 1
+            self.counters.leaks += 1  # stats
             logger.warning(
                 "Possible connection leak in pool %r: thread %s has held a connection "
                 "for %.1fs (leak_threshold is %gs). It was borrowed at:\n%s",
@@ -307,6 +318,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             )
             raise
         self.last_connect_error = None
+        self.counters.opened += 1  # stats
         return conn
 
     def _reset_connection(self, conn: PooledConnection) -> None:
@@ -320,8 +332,23 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         """Used by :meth:`check` on idle connections: finish any reset first."""
         if conn._dpb_reset_pending:
             conn._dpb_reset_pending = False
-            reset.finish_reset(conn, self.timeout)
+            self._finish_reset(conn)  # stats: counts failures
         ConnectionPool.check_connection(conn)
+
+    # -- statistics (see stats.py) -----------------------------------------
+
+    def _finish_reset(self, conn: PooledConnection) -> None:
+        try:
+            reset.finish_reset(conn, self.timeout)
+        except Exception:
+            self.counters.resets_failed += 1
+            raise
+
+    def _close_connection(self, conn: PooledConnection) -> None:
+        # Every connection the pool closes on purpose: expired, idle above
+        # min_size, or the pool closing.  Broken ones are counted as lost.
+        self.counters.closed += 1
+        super()._close_connection(conn)
 
     # -- explaining itself -------------------------------------------------
 

@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
+from . import stats
+
 if TYPE_CHECKING:
     from .pool import DjangoConnectionPool
 
@@ -55,6 +57,7 @@ def get_pool(key: PoolKey, factory: Callable[[], DjangoConnectionPool]) -> Djang
             _pools[key] = pool
             _start_housekeeper()
             logger.debug("Opened pool %r for %s.", pool.name, pool.label)
+            stats.start_publishing()  # once per process; see stats.py
     for old in stale:
         old.close()
     return pool

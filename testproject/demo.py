@@ -48,12 +48,28 @@ def manage(*args: str) -> None:
     subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, check=True)
 
 
+def poolstats(*args: str) -> str:
+    """``manage.py poolstats`` in a process of its own, as an operator would run it."""
+    result = subprocess.run(
+        [sys.executable, "manage.py", "poolstats", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result.stdout + result.stderr
+
+
 class Load:
     """Client threads sending a mix of reads, writes and slow requests."""
 
     def __init__(self, port: int, clients: int, seconds: float, items: int) -> None:
         self.port, self.clients, self.seconds, self.items = port, clients, seconds, items
         self.latencies: list[float] = []
+        # Keeps the clients going past ``seconds`` until it is set.
+        self.hold = threading.Event()
+        self.hold.set()
+        self.elapsed = 0.0
         self.errors: dict[str, int] = {}
         self.lock = threading.Lock()
 
@@ -61,7 +77,15 @@ class Load:
         rng = random.Random(n)
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         deadline = time.monotonic() + self.seconds
-        while time.monotonic() < deadline:
+        sent = 0
+        while time.monotonic() < deadline or not self.hold.is_set():
+            sent += 1
+            if sent % 20 == 0:
+                # A keep-alive connection stays with the worker that accepted
+                # it: reconnect now and then, as browsers do, so that every
+                # worker gets its share.
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
             pick = rng.random()
             pk = rng.randint(1, self.items)
             if pick < 0.80:
@@ -90,11 +114,13 @@ class Load:
         conn.close()
 
     def run(self) -> None:
+        started = time.monotonic()
         threads = [threading.Thread(target=self.client, args=(n,)) for n in range(self.clients)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+        self.elapsed = time.monotonic() - started
 
 
 def server_connections(dsn: str) -> list[tuple[str, str, int]]:
@@ -104,6 +130,10 @@ def server_connections(dsn: str) -> list[tuple[str, str, int]]:
             "WHERE application_name LIKE 'django_pooled_backend %%' "
             "GROUP BY 1, 2 ORDER BY 1, 2"
         ).fetchall()
+
+
+def indent(text: str) -> str:
+    return "\n".join(f"   {line}" if line else "" for line in text.rstrip().splitlines())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         wait_http(port)
         mix = "80% reads, 15% writes, 5% slow"
-        print(f"== load: {args.clients} clients for {args.seconds:g}s ({mix})")
+        print(f"== load: {args.clients} clients for at least {args.seconds:g}s ({mix})")
         load = Load(port, args.clients, args.seconds, items)
         sampler_stop = threading.Event()
         peak: dict[str, int] = {}
@@ -170,13 +200,30 @@ def main(argv: list[str] | None = None) -> int:
 
         sampler = threading.Thread(target=sample)
         sampler.start()
+        # An operator's look from another shell while the load runs (the
+        # load goes on until both commands have answered).
+        seen: dict[str, str] = {}
+        load.hold.clear()
+
+        def look() -> None:
+            try:
+                time.sleep(args.seconds * 0.3)
+                seen["pools"] = poolstats()
+                seen["server"] = poolstats("--server")
+            finally:
+                load.hold.set()
+
+        looker = threading.Thread(target=look)
+        looker.start()
         load.run()
+        looker.join()
         sampler_stop.set()
         sampler.join()
         lat = sorted(load.latencies)
         done = len(lat)
         print(
-            f"   requests: {done} ok ({done / args.seconds:.0f}/s), errors: {load.errors or 'none'}"
+            f"   requests: {done} ok in {load.elapsed:.1f}s ({done / load.elapsed:.0f}/s), "
+            f"errors: {load.errors or 'none'}"
         )
         if lat:
             p50 = statistics.median(lat) * 1000
@@ -188,6 +235,10 @@ def main(argv: list[str] | None = None) -> int:
         print("   now:")
         for app, state, count in server_connections(dsn):
             print(f"   {app}: {count} {state}")
+        print("== python manage.py poolstats, run from another process during the load:")
+        print(indent(seen.get("pools", "(did not run)")))
+        print("== python manage.py poolstats --server, at the same moment:")
+        print(indent(seen.get("server", "(did not run)")))
     finally:
         gunicorn.terminate()
         gunicorn.wait(30)

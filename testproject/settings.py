@@ -68,6 +68,13 @@ _default.setdefault("OPTIONS", {})["pool"] = {
 }
 DATABASES = {"default": _default}
 
+# Where the processes publish their pool statistics for `manage.py poolstats`
+# (default: a per-user temporary directory scoped to this project); the tests
+# give each gunicorn they start a directory of its own.
+if env.str("POOLSTATS_DIR", default=""):
+    POOLED_BACKEND_STATS_DIR = env.str("POOLSTATS_DIR")
+POOLED_BACKEND_STATS_INTERVAL = env.float("POOLSTATS_INTERVAL", default=1.0)
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True
 TIME_ZONE = "UTC"

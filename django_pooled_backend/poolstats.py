@@ -1,0 +1,474 @@
+"""What ``manage.py poolstats`` shows: published snapshots, totals, problems, renderings.
+
+Reading is :func:`django_pooled_backend.stats.read_snapshots`; this module
+filters, adds up and renders (text, JSON, Prometheus), and decides what
+``--check`` calls a problem.  The server's own view is in
+:mod:`django_pooled_backend.serverview`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypedDict
+
+from .stats import HOSTNAME, SCHEMA, WAIT_WINDOW, PoolSnapshot, Published, read_snapshots
+
+DEFAULT_MAX_WAIT = 5.0
+"""``--check`` fails when a request has waited longer than this (seconds)."""
+
+# Counters that add up across processes, in the order they are shown.
+COUNTERS = (
+    "requests",
+    "requests_served",
+    "requests_waited",
+    "timeouts",
+    "rejected",
+    "connection_errors",
+    "connections_opened",
+    "connections_closed",
+    "connections_lost",
+    "resets",
+    "resets_failed",
+    "leaks",
+    "reclaims",
+)
+GAUGES = ("min_size", "max_size", "size", "idle", "lent", "waiting")
+
+
+class TotalWait(TypedDict):
+    window: int
+    mean_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    max_ms: float | None
+
+
+@dataclass
+class Report:
+    """The published snapshots of one project, as seen now."""
+
+    directory: Path
+    alias: str | None
+    time: float
+    live: list[Published] = field(default_factory=list)
+    stale: list[Published] = field(default_factory=list)
+
+    def rows(self) -> Iterable[tuple[Published, PoolSnapshot]]:
+        """(process, pool) for every pool of every live process."""
+        for published in self.live:
+            for pool in published.snapshot["pools"]:
+                yield published, pool
+
+
+def load(directory: Path, alias: str | None = None, now: float | None = None) -> Report:
+    """The snapshots in ``directory``, keeping only ``alias``'s pools if given."""
+    now = time.time() if now is None else now
+    report = Report(directory=directory, alias=alias, time=now)
+    for published in read_snapshots(directory, now):
+        if alias is not None:
+            pools = [p for p in published.snapshot["pools"] if p["alias"] == alias]
+            published.snapshot["pools"] = pools
+        if not published.snapshot["pools"]:
+            continue
+        (report.stale if published.stale else report.live).append(published)
+    return report
+
+
+def totals(report: Report) -> list[dict[str, Any]]:
+    """Per alias, over live processes: sums, and the worst wait and holder."""
+    by_alias: dict[str, dict[str, Any]] = {}
+    for _published, pool in report.rows():
+        total = by_alias.get(pool["alias"])
+        if total is None:
+            total = by_alias[pool["alias"]] = {
+                "alias": pool["alias"],
+                "processes": 0,
+                **dict.fromkeys(GAUGES, 0),
+                **dict.fromkeys(COUNTERS, 0),
+                "_wait_sum": 0.0,
+                "wait": {"window": 0, "mean_ms": None, "p95_ms": None, "p99_ms": None},
+                "oldest_waiter_s": None,
+                "oldest_holder_s": None,
+            }
+        total["processes"] += 1
+        for key in (*GAUGES, *COUNTERS):
+            total[key] += pool[key]  # type: ignore[literal-required]
+        wait = pool["wait"]
+        if wait["window"] and wait["mean_ms"] is not None:
+            total["_wait_sum"] += wait["mean_ms"] * wait["window"]
+            tw = total["wait"]
+            tw["window"] += wait["window"]
+            for key in ("p95_ms", "p99_ms", "max_ms"):
+                tw[key] = _max(tw.get(key), wait[key])  # type: ignore[literal-required]
+        total["oldest_waiter_s"] = _max(total["oldest_waiter_s"], pool["oldest_waiter_s"])
+        holder = pool["oldest_holder"]
+        total["oldest_holder_s"] = _max(
+            total["oldest_holder_s"], holder["held_s"] if holder else None
+        )
+    result = []
+    for total in by_alias.values():
+        wait_sum = total.pop("_wait_sum")
+        tw = total["wait"]
+        tw.setdefault("max_ms", None)
+        if tw["window"]:
+            tw["mean_ms"] = round(wait_sum / tw["window"], 3)
+        result.append(total)
+    return sorted(result, key=lambda t: str(t["alias"]))
+
+
+def _max(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None else max(a, b)
+
+
+def problems(report: Report, max_wait: float = DEFAULT_MAX_WAIT) -> list[str]:
+    """What ``--check`` fails on: exhausted pools, long waits, silent processes."""
+    found = []
+    for published, pool in report.rows():
+        where = _where(published, pool)
+        if pool["waiting"] and pool["lent"] >= pool["max_size"]:
+            found.append(
+                f"{where}: the pool is exhausted: all {pool['max_size']} connections are lent "
+                f"out and {pool['waiting']} requests are waiting."
+            )
+        oldest = pool["oldest_waiter_s"]
+        if oldest is not None and oldest > max_wait:
+            found.append(
+                f"{where}: a request has waited {oldest:.1f}s for a connection "
+                f"(more than {max_wait:g}s)."
+            )
+    for published in report.stale:
+        found.append(
+            f"pid {published.snapshot['pid']} on {published.snapshot['host']}: no fresh pool "
+            f"statistics for {published.age:.0f}s (the process may be hung)."
+        )
+    return found
+
+
+def _where(published: Published, pool: PoolSnapshot) -> str:
+    snap = published.snapshot
+    return f"pid {snap['pid']} on {snap['host']}, alias {pool['alias']!r}"
+
+
+def nothing_published(report: Report) -> str:
+    """The plain message for "no process has a pool"."""
+    alias = f" for database alias {report.alias!r}" if report.alias else ""
+    return (
+        f"No running process on {HOSTNAME} publishes pool statistics{alias} "
+        f"(looked in {report.directory}). Start the server processes, or make sure they "
+        "use the same settings (POOLED_BACKEND_STATS_DIR)."
+    )
+
+
+# -- JSON ----------------------------------------------------------------------
+
+
+def as_json(report: Report, max_wait: float = DEFAULT_MAX_WAIT) -> dict[str, Any]:
+    """The ``--json`` document (schema documented in docs/poolstats.rst)."""
+    processes = []
+    for published in [*report.live, *report.stale]:
+        snap = published.snapshot
+        processes.append(
+            {
+                "pid": snap["pid"],
+                "host": snap["host"],
+                "program": snap["program"],
+                "updated": snap["time"],
+                "age_s": round(published.age, 3),
+                "stale": published.stale,
+                "interval_s": snap["interval"],
+                "pools": snap["pools"],
+            }
+        )
+    processes.sort(key=lambda p: (p["host"], p["pid"]))
+    return {
+        "version": SCHEMA,
+        "time": round(report.time, 3),
+        "host": HOSTNAME,
+        "directory": str(report.directory),
+        "database": report.alias,
+        "wait_window": WAIT_WINDOW,
+        "processes": processes,
+        "totals": totals(report),
+        "problems": problems(report, max_wait),
+    }
+
+
+def render_json(report: Report, max_wait: float = DEFAULT_MAX_WAIT) -> str:
+    return json.dumps(as_json(report, max_wait), indent=2) + "\n"
+
+
+# -- Prometheus ------------------------------------------------------------------
+
+PREFIX = "django_pooled_backend_"
+
+# (metric, snapshot key, type, help)
+_POOL_METRICS = (
+    ("pool_min_size", "min_size", "gauge", "Connections the pool keeps open (min_size)."),
+    ("pool_max_size", "max_size", "gauge", "Most connections the pool may open (max_size)."),
+    ("pool_size", "size", "gauge", "Connections open or being opened."),
+    ("connections_idle", "idle", "gauge", "Connections waiting in the pool to be lent."),
+    ("connections_lent", "lent", "gauge", "Connections lent out to requests now."),
+    ("requests_waiting", "waiting", "gauge", "Requests waiting for a connection now."),
+    ("requests_total", "requests", "counter", "Connections asked for (borrows)."),
+    ("requests_served_total", "requests_served", "counter", "Borrows that got a connection."),
+    ("requests_waited_total", "requests_waited", "counter", "Borrows that had to queue."),
+    ("timeouts_total", "timeouts", "counter", "Borrows that timed out."),
+    ("rejected_total", "rejected", "counter", "Borrows refused by max_waiting."),
+    ("connection_errors_total", "connection_errors", "counter", "Failed connection attempts."),
+    ("connections_opened_total", "connections_opened", "counter", "Connections opened."),
+    ("connections_closed_total", "connections_closed", "counter", "Connections the pool closed."),
+    ("connections_lost_total", "connections_lost", "counter", "Connections found broken."),
+    ("resets_total", "resets", "counter", "Session resets started on return."),
+    ("resets_failed_total", "resets_failed", "counter", "Session resets that failed."),
+    ("leaks_total", "leaks", "counter", "Connections reported as leaked."),
+    ("reclaims_total", "reclaims", "counter", "Connections reclaimed from dead threads."),
+)
+
+
+def _labels(**labels: object) -> str:
+    parts = []
+    for key, value in labels.items():
+        text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        parts.append(f'{key}="{text}"')
+    return "{" + ",".join(parts) + "}"
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def render_prometheus(report: Report) -> str:
+    """The Prometheus text exposition format (version 0.0.4) of the live pools."""
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: Sequence[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {PREFIX}{name} {help_text}")
+        lines.append(f"# TYPE {PREFIX}{name} {kind}")
+        lines.extend(f"{PREFIX}{name}{labels} {_number(value)}" for labels, value in samples)
+
+    family(
+        "processes",
+        "gauge",
+        "Processes publishing pool statistics, live or stale.",
+        [(_labels(state="live"), len(report.live)), (_labels(state="stale"), len(report.stale))],
+    )
+    family(
+        "snapshot_age_seconds",
+        "gauge",
+        "Seconds since each process last published its pools.",
+        [
+            (
+                _labels(host=p.snapshot["host"], pid=p.snapshot["pid"], stale=str(p.stale).lower()),
+                round(p.age, 3),
+            )
+            for p in [*report.live, *report.stale]
+        ],
+    )
+    rows = list(report.rows())
+
+    def pool_labels(published: Published, pool: PoolSnapshot, **extra: str) -> str:
+        snap = published.snapshot
+        return _labels(host=snap["host"], pid=snap["pid"], alias=pool["alias"], **extra)
+
+    for name, key, kind, help_text in _POOL_METRICS:
+        family(
+            name,
+            kind,
+            help_text,
+            [(pool_labels(p, pool), pool[key]) for p, pool in rows],  # type: ignore[literal-required]
+        )
+    family(
+        "wait_recent_seconds",
+        "gauge",
+        f"Time to get a connection over the last {WAIT_WINDOW} borrows (mean, p95, p99, max).",
+        [
+            (pool_labels(p, pool, stat=stat), round(pool["wait"][f"{stat}_ms"] / 1000, 6))  # type: ignore[literal-required]
+            for p, pool in rows
+            if pool["wait"]["window"]
+            for stat in ("mean", "p95", "p99", "max")
+        ],
+    )
+    family(
+        "oldest_holder_seconds",
+        "gauge",
+        "How long the longest current borrower has held its connection (0: none).",
+        [
+            (pool_labels(p, pool), pool["oldest_holder"]["held_s"] if pool["oldest_holder"] else 0)
+            for p, pool in rows
+        ],
+    )
+    family(
+        "oldest_waiter_seconds",
+        "gauge",
+        "How long the longest current waiter has waited, sampled (0: none).",
+        [(pool_labels(p, pool), pool["oldest_waiter_s"] or 0) for p, pool in rows],
+    )
+    return "\n".join(lines) + "\n"
+
+
+# -- text ------------------------------------------------------------------------
+
+
+def _count(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _age(seconds: float) -> str:
+    return f"{seconds:.1f}s ago"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str) -> list[str]:
+    """Aligned columns; ``align`` has one letter per column, ``l`` or ``r``."""
+    cells = [[str(c) for c in headers], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return [
+        "  ".join(
+            cell.ljust(widths[i]) if align[i] == "l" else cell.rjust(widths[i])
+            for i, cell in enumerate(row)
+        ).rstrip()
+        for row in cells
+    ]
+
+
+def render_text(report: Report, max_wait: float = DEFAULT_MAX_WAIT) -> str:
+    """The human view: pools now, requests, connections, then stale processes and problems."""
+    if not report.live and not report.stale:
+        return nothing_published(report) + "\n"
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(report.time))
+    hosts = sorted({p.snapshot["host"] for p in report.live})
+    alias = f", database alias {report.alias!r}" if report.alias else ""
+    lines = [
+        f"Pools of {_count(len(report.live), 'process', 'processes')} on "
+        f"{', '.join(hosts) or HOSTNAME}{alias} at {when}",
+        f"(snapshots in {report.directory})",
+        "",
+    ]
+    rows = list(report.rows())
+    all_totals = totals(report)
+    show_totals = len(report.live) > 1
+
+    now_rows: list[list[object]] = []
+    for p, pool in rows:
+        holder = pool["oldest_holder"]
+        now_rows.append(
+            [
+                p.snapshot["pid"],
+                p.snapshot["program"],
+                pool["alias"],
+                _age(p.age),
+                pool["size"],
+                pool["min_size"],
+                pool["max_size"],
+                pool["lent"],
+                pool["idle"],
+                pool["waiting"],
+                f"{holder['held_s']:.1f}s {holder['thread']} at {holder['where']}"
+                if holder
+                else "-",
+            ]
+        )
+    if show_totals:
+        for t in all_totals:
+            now_rows.append(
+                [
+                    "total",
+                    "",
+                    t["alias"],
+                    "",
+                    t["size"],
+                    t["min_size"],
+                    t["max_size"],
+                    t["lent"],
+                    t["idle"],
+                    t["waiting"],
+                    "-" if t["oldest_holder_s"] is None else f"{t['oldest_holder_s']:.1f}s",
+                ]
+            )
+    headers = ["PID", "PROGRAM", "ALIAS", "UPDATED", "SIZE", "MIN", "MAX", "LENT", "IDLE"]
+    lines += table([*headers, "WAITING", "OLDEST HOLDER"], now_rows, "lllrrrrrrrl")
+
+    lines += ["", f"Requests (wait: time to get a connection, last {WAIT_WINDOW} borrows, ms)"]
+    req_rows: list[list[object]] = []
+    for p, pool in rows:
+        w = pool["wait"]
+        req_rows.append(
+            [
+                p.snapshot["pid"],
+                pool["alias"],
+                pool["requests_served"],
+                pool["requests_waited"],
+                _ms(w["mean_ms"]),
+                _ms(w["p95_ms"]),
+                _ms(w["p99_ms"]),
+                pool["timeouts"],
+                pool["rejected"],
+            ]
+        )
+    if show_totals:
+        for t in all_totals:
+            w = t["wait"]
+            req_rows.append(
+                [
+                    "total",
+                    t["alias"],
+                    t["requests_served"],
+                    t["requests_waited"],
+                    _ms(w["mean_ms"]),
+                    _ms(w["p95_ms"]),
+                    _ms(w["p99_ms"]),
+                    t["timeouts"],
+                    t["rejected"],
+                ]
+            )
+    lines += table(
+        ["PID", "ALIAS", "SERVED", "WAITED", "WAIT MEAN", "P95", "P99", "TIMEOUTS", "REJECTED"],
+        req_rows,
+        "llrrrrrrr",
+    )
+
+    lines += ["", "Connections"]
+    conn_rows: list[list[object]] = []
+    for p, pool in rows:
+        conn_rows.append([p.snapshot["pid"], pool["alias"], *_conn_figures(pool)])
+    if show_totals:
+        for t in all_totals:
+            conn_rows.append(["total", t["alias"], *_conn_figures(t)])
+    conn_headers = ["PID", "ALIAS", "OPENED", "CLOSED", "LOST", "ERRORS", "RESETS"]
+    lines += table([*conn_headers, "RESET FAILED", "LEAKS", "RECLAIMS"], conn_rows, "llrrrrrrrr")
+
+    if report.stale:
+        lines.append("")
+        for p in report.stale:
+            snap = p.snapshot
+            lines.append(
+                f"Stale: pid {snap['pid']} on {snap['host']} ({snap['program']}) has published "
+                f"nothing for {p.age:.1f}s; its figures are not shown."
+            )
+    found = problems(report, max_wait)
+    if found:
+        lines += ["", "Problems:"]
+        lines += [f"  {problem}" for problem in found]
+    return "\n".join(lines) + "\n"
+
+
+def _conn_figures(pool: PoolSnapshot | dict[str, Any]) -> list[object]:
+    return [
+        pool["connections_opened"],
+        pool["connections_closed"],
+        pool["connections_lost"],
+        pool["connection_errors"],
+        pool["resets"],
+        pool["resets_failed"],
+        pool["leaks"],
+        pool["reclaims"],
+    ]
