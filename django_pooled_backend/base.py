@@ -216,6 +216,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             self.connection._dpb_dirty = True
         return super().create_cursor(name)
 
+    def _set_autocommit(self, autocommit: bool) -> None:
+        # A pooled connection comes back in autocommit, and psycopg costs a
+        # few microseconds to set what is already set: skip it on the hot path.
+        if self.connection is not None and self.connection.autocommit == autocommit:
+            return
+        super()._set_autocommit(autocommit)  # type: ignore[misc]
+
     def close_if_health_check_failed(self) -> None:
         if self.is_pooled:
             # The pool checks connections when it lends them.

@@ -13,6 +13,7 @@ What this adds to :class:`psycopg_pool.ConnectionPool`:
 from __future__ import annotations
 
 import logging
+import select
 import threading
 import time
 from typing import Any
@@ -40,6 +41,8 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpb_reset_pending: bool = False
     # The borrower ran something that may have changed session state.
     _dpb_dirty: bool = False
+    # Polls the socket for data the server sent while the connection idled.
+    _dpb_poller: select.poll | None = None
     # Judges the statements run on this connection (None: every one dirties).
     _dpb_judge: StatementJudge | None = None
 
@@ -200,7 +203,10 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             # Data on an idle connection is most often a goodbye (the server
             # sends its FATAL message, then closes), which may not all have
             # arrived yet: then a round trip tells for sure.
-            suspect = reset.readable(pgconn.socket)
+            poller = conn._dpb_poller
+            if poller is None:
+                poller = conn._dpb_poller = reset.poller(pgconn.socket)
+            suspect = bool(poller.poll(0))
             if suspect:
                 pgconn.consume_input()
                 if pgconn.status != ConnStatus.OK:

@@ -76,15 +76,15 @@ def forget_transaction_options(conn: Connection[object]) -> None:
         conn.deferrable = None
 
 
-def readable(fileno: int) -> bool:
-    """Whether the server sent something (or closed the socket); never waits.
+def poller(fileno: int) -> select.poll:
+    """A poller of ``fileno`` for input, for ``poll(0)``: has the server sent something?
 
     poll(), not select(): a busy process may well have file descriptors
     above select()'s limit of 1024.
     """
-    poller = select.poll()
-    poller.register(fileno, select.POLLIN)
-    return bool(poller.poll(0))
+    result = select.poll()
+    result.register(fileno, select.POLLIN)
+    return result
 
 
 def finish_reset(conn: Connection[object], timeout: float) -> None:

@@ -28,6 +28,10 @@ _SKIP_DIRS = (_PACKAGE_DIR, _DJANGO_DIR, os.path.dirname(threading.__file__))
 
 Place = tuple[CodeType, int]
 
+# Whether a code object belongs to Django or this package (frames the
+# "where" of a borrow skips); code objects live as long as their functions.
+_skip: dict[CodeType, bool] = {}
+
 
 @dataclass(eq=False)
 class Holder:
@@ -83,11 +87,15 @@ def current_holder(
     frame = sys._getframe(1)
     where: Place | None = None
     stack: list[Place] = []
+    skip = _skip
     while frame is not None:
         code = frame.f_code
         if full_stack:
             stack.append((code, frame.f_lineno))
-        if where is None and not code.co_filename.startswith(_SKIP_DIRS):
+        inside = skip.get(code)
+        if inside is None:
+            inside = skip[code] = code.co_filename.startswith(_SKIP_DIRS)
+        if where is None and not inside:
             where = (code, frame.f_lineno)
             if not full_stack:
                 break
