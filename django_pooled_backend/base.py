@@ -23,7 +23,10 @@ from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg
 from django.utils.asyncio import async_unsafe
 from django.utils.functional import cached_property
 
-from . import registry
+from . import (
+    checks,  # noqa: F401 - registers the system checks, even without the app
+    registry,
+)
 from .options import PoolOptions, parse_pool_options
 
 if not is_psycopg3:  # pragma: no cover - depends on the environment
