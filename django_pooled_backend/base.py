@@ -15,6 +15,7 @@ import socket
 from dataclasses import replace
 from typing import Any
 
+import psycopg.sql
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
@@ -141,14 +142,21 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         )
         from .reset import configure_statements
 
+        configure_sql = configure_statements(self.timezone_name, sd["OPTIONS"].get("assume_role"))
+        if options.transaction_pooling:
+            # Through PgBouncer, the reset's RESET ALL falls back to the
+            # application_name of whichever server connection runs it.
+            configure_sql.append(
+                psycopg.sql.SQL("SET application_name = {}").format(
+                    psycopg.sql.Literal(kwargs["application_name"])
+                )
+            )
         pool = DjangoConnectionPool(
             alias=self.alias,
             label=label,
             options=options,
             kwargs=kwargs,
-            configure_sql=configure_statements(
-                self.timezone_name, sd["OPTIONS"].get("assume_role")
-            ),
+            configure_sql=configure_sql,
             isolation_level=self._isolation_level_option,
         )
         return pool
