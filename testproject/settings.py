@@ -82,6 +82,10 @@ else:
     _default.setdefault("OPTIONS", {})["pool"] = _pool
 DATABASES = {"default": _default}
 
+# How often each process publishes its pools in prometheus_client's
+# multiprocess mode (django_pooled_backend.prometheus).
+POOLED_BACKEND_PROMETHEUS_INTERVAL = env.float("POOLED_BACKEND_PROMETHEUS_INTERVAL", default=5.0)
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True
 TIME_ZONE = "UTC"
