@@ -182,12 +182,16 @@ def test_metrics_are_summed_over_gunicorn_worker_processes(
             workers.add(json.loads(get("/whoami/"))["worker_pid"])
             requests += 1
         assert len(workers) == 2
-        # Until both workers have published (every 0.1 s): then the numbers
-        # are the sum over both processes.
+        # Until both workers have published what they did (every 0.1 s):
+        # then the numbers are the sums over both processes.
         deadline = time.monotonic() + 30
         while True:
             values = samples(get("/metrics/"))
-            if values.get((P + "pool_min_size", "default")) == 2 or time.monotonic() > deadline:
+            published = (
+                values.get((P + "pool_min_size", "default")) == 2
+                and values.get((P + "requests_total", "default"), 0) >= requests
+            )
+            if published or time.monotonic() > deadline:
                 break
             time.sleep(0.1)
         assert values[(P + "pool_min_size", "default")] == 2
