@@ -34,7 +34,7 @@ settings.configure(
             "PASSWORD": unquote(url.password),
             "HOST": url.hostname,
             "PORT": url.port,
-            "OPTIONS": {"pool": {"min_size": 1, "max_size": 2}},
+            "OPTIONS": {"pool": {"min_size": 1, "max_size": 1}},
         }
     },
 )
