@@ -23,7 +23,10 @@ from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg
 from django.utils.asyncio import async_unsafe
 from django.utils.functional import cached_property
 
-from . import registry
+from . import (
+    checks,  # noqa: F401 - registers the system checks, even without the app
+    registry,
+)
 from .options import PoolOptions, parse_pool_options
 
 if not is_psycopg3:  # pragma: no cover - depends on the environment
@@ -31,6 +34,8 @@ if not is_psycopg3:  # pragma: no cover - depends on the environment
         "django_pooled_backend requires psycopg 3 (found psycopg2, which has no "
         "pool). Install it with: pip install 'psycopg[binary,pool]>=3.2'."
     )
+
+import psycopg.sql
 
 from .session import StatementJudge, TrackingCursor, TrackingServerBindingCursor
 
@@ -151,14 +156,21 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         )
         from .reset import configure_statements
 
+        configure_sql = configure_statements(self.timezone_name, sd["OPTIONS"].get("assume_role"))
+        if options.transaction_pooling:
+            # Through PgBouncer, the reset's RESET ALL falls back to the
+            # application_name of whichever server connection runs it.
+            configure_sql.append(
+                psycopg.sql.SQL("SET application_name = {}").format(
+                    psycopg.sql.Literal(kwargs["application_name"])
+                )
+            )
         pool = DjangoConnectionPool(
             alias=self.alias,
             label=label,
             options=options,
             kwargs=kwargs,
-            configure_sql=configure_statements(
-                self.timezone_name, sd["OPTIONS"].get("assume_role")
-            ),
+            configure_sql=configure_sql,
             isolation_level=self._isolation_level_option,
             judge=judge,
         )

@@ -62,6 +62,9 @@ class PoolOptions:
     check_after: float = 0.5
     leak_threshold: float | None = None
     release: ReleaseMode = "request"
+    # Read by the system checks only (docs/checks.rst).
+    transaction_pooling: bool = False
+    expected_processes: int | None = None
     configure: Callable[[Any], None] | None = field(default=None, compare=False)
     custom_check: Callable[[Any], None] | None = field(default=None, compare=False)
 
@@ -71,17 +74,25 @@ KNOWN_KEYS = frozenset(
 )
 
 
+Where = Callable[[str | None], str]
+"""Names the options (``None``) or one key in messages; see :func:`parse_pool_options`."""
+
+
+def settings_where(alias: str) -> Where:
+    """``DATABASES[alias]['OPTIONS']['pool']``, and ``[key]`` after it for a key."""
+    base = f"DATABASES[{alias!r}]['OPTIONS']['pool']"
+    return lambda key: base if key is None else f"{base}[{key!r}]"
+
+
 class _Reader:
     """Collects one alias' pool options, failing with Django-style messages."""
 
-    def __init__(self, alias: str, raw: Mapping[str, Any]) -> None:
+    def __init__(self, alias: str, raw: Mapping[str, Any], where: Where) -> None:
         self.alias = alias
         self.raw = raw
+        self.where = where
         # Which raw key each validated value came from, to explain conflicts.
         self.sources: dict[str, str] = {}
-
-    def where(self, key: str) -> str:
-        return f"DATABASES[{self.alias!r}]['OPTIONS']['pool'][{key!r}]"
 
     def fail(self, key: str, problem: str, fix: str) -> ImproperlyConfigured:
         return ImproperlyConfigured(
@@ -111,30 +122,36 @@ class _Reader:
         return float(value)
 
 
-def parse_pool_options(alias: str, raw: object) -> PoolOptions:
-    """Validate ``OPTIONS["pool"]`` of ``alias`` into a :class:`PoolOptions`."""
+def parse_pool_options(alias: str, raw: object, *, where: Where | None = None) -> PoolOptions:
+    """Validate ``OPTIONS["pool"]`` of ``alias`` into a :class:`PoolOptions`.
+
+    ``where`` names the options in error messages; by default they are named
+    as the setting, ``DATABASES[alias]['OPTIONS']['pool'][key]`` (the
+    database URL parser names its query parameters instead).
+    """
+    where = where or settings_where(alias)
     if raw is True:
         return PoolOptions()
     if not isinstance(raw, Mapping):
         raise ImproperlyConfigured(
-            f"DATABASES[{alias!r}]['OPTIONS']['pool'] is {raw!r}: it must be True "
+            f"{where(None)} is {raw!r}: it must be True "
             "or a dict of pool options. Use True for the defaults, or for example "
             "{'min_size': 1, 'max_size': 10, 'timeout': 10}."
         )
     for key in raw:
         if key in _RESERVED:
             raise ImproperlyConfigured(
-                f"DATABASES[{alias!r}]['OPTIONS']['pool'][{key!r}] cannot be set: "
+                f"{where(key)} cannot be set: "
                 f"{_RESERVED[key]}. Remove {key!r} from the pool options."
             )
         if key not in KNOWN_KEYS:
             known = ", ".join(sorted(KNOWN_KEYS))
             hint = _suggest(str(key))
             raise ImproperlyConfigured(
-                f"DATABASES[{alias!r}]['OPTIONS']['pool'] has an unknown key {key!r} "
+                f"{where(None)} has an unknown key {key!r} "
                 f"(value {safe_repr(key, raw[key])}).{hint} Valid keys are: {known}."
             )
-    r = _Reader(alias, raw)
+    r = _Reader(alias, raw, where)
     values: dict[str, Any] = {}
 
     size_fix = "Use a positive whole number, for example 10."
@@ -242,6 +259,21 @@ def parse_pool_options(alias: str, raw: object) -> PoolOptions:
                 "Leave it out ('auto'): a session that may have been changed is reset "
                 "before the next borrower gets it.",
             )
+    if "transaction_pooling" in raw:
+        if not isinstance(raw["transaction_pooling"], bool):
+            raise r.fail(
+                "transaction_pooling",
+                "it must be True or False",
+                "Use True when HOST is PgBouncer (or another pooler) in transaction mode.",
+            )
+        values["transaction_pooling"] = raw["transaction_pooling"]
+    if raw.get("expected_processes") is not None:
+        values["expected_processes"] = r.integer(
+            "expected_processes",
+            minimum=1,
+            fix="Use the number of processes that open this pool at once, across all "
+            "servers (gunicorn workers, Celery worker children, ...), for example 8.",
+        )
     if "release" in raw and raw["release"] != "request":
         raise r.fail(
             "release", "the only release mode is 'request'", "Use 'request' or leave it out."
@@ -285,7 +317,7 @@ def parse_pool_options(alias: str, raw: object) -> PoolOptions:
     if options.min_size > options.max_size:
         key = "pool_size" if "pool_size" in raw else "min_size"
         raise ImproperlyConfigured(
-            f"DATABASES[{alias!r}]['OPTIONS']['pool'] has min_size {options.min_size} "
+            f"{where(None)} has min_size {options.min_size} "
             f"greater than max_size {options.max_size}. Lower {key!r} or raise 'max_size' "
             "so that min_size <= max_size."
         )
@@ -302,7 +334,7 @@ def _put(
     if key in values and values[key] != value:
         first = r.sources[key]
         raise ImproperlyConfigured(
-            f"DATABASES[{r.alias!r}]['OPTIONS']['pool'] sets {first!r} to {r.raw[first]!r} "
+            f"{r.where(None)} sets {first!r} to {r.raw[first]!r} "
             f"and {source!r} to {r.raw[source]!r}, which disagree ({key} would be "
             f"{values[key]!r} or {value!r}). Keep only one of them."
         )

@@ -16,6 +16,7 @@ import logging
 import select
 import threading
 import time
+import weakref
 from typing import Any
 
 import psycopg
@@ -23,7 +24,7 @@ from psycopg import errors as e
 from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
-from . import reset
+from . import reset, signals
 from .options import PoolOptions
 from .session import StatementJudge
 from .stats import PoolCounters
@@ -45,6 +46,22 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpb_poller: select.poll | None = None
     # Judges the statements run on this connection (None: every one dirties).
     _dpb_judge: StatementJudge | None = None
+    # signals: the pool that opened it, and why it closes it (or None).
+    _dpb_pool: weakref.ref[DjangoConnectionPool] | None = None
+    _dpb_discard_reason: str | None = None
+
+    def close(self) -> None:
+        # signals: every way a pool closes a connection ends here.
+        pool = self._dpb_pool() if self._dpb_pool is not None else None
+        if pool is not None:
+            self._dpb_pool = None
+            if not self.closed:
+                # stats: closed on purpose (expired, idle, pool closing, failed
+                # a check); broken ones are counted as lost by psycopg_pool.
+                pool.counters.closed += 1
+            if signals.connection_discarded.receivers:
+                pool._send_discarded(self)
+        super().close()
 
 
 class DjangoConnectionPool(ConnectionPool[PooledConnection]):
@@ -114,26 +131,33 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             conn = self.getconn()
         except TooManyRequests as exc:
             self.counters.rejected += 1  # stats
-            raise TooManyRequests(
-                self.describe_failure(
-                    f"{len(self._waiting)} requests are already waiting "
-                    f"(max_waiting={self.max_waiting})"
-                )
-            ) from exc
+            message = self.describe_failure(
+                f"{len(self._waiting)} requests are already waiting "
+                f"(max_waiting={self.max_waiting})"
+            )
+            self._send_timed_out("max_waiting", message)  # signals
+            raise TooManyRequests(message) from exc
         except PoolTimeout as exc:
             self.counters.timeouts += 1  # stats
             self.counters.waits.append(time.monotonic() - started)  # stats
-            raise PoolTimeout(
-                self.describe_failure(f"no connection became free within {self.timeout:g} seconds")
-            ) from exc
+            message = self.describe_failure(
+                f"no connection became free within {self.timeout:g} seconds"
+            )
+            self._send_timed_out("timeout", message)  # signals
+            raise PoolTimeout(message) from exc
         self.holders[id(conn)] = current_holder(
             conn, owner, self._owner_gone, full_stack=self.options.leak_threshold is not None
         )
-        self.counters.waits.append(time.monotonic() - started)  # stats
+        waited = time.monotonic() - started
+        self.counters.waits.append(waited)  # stats
+        if signals.connection_borrowed.receivers:  # signals
+            signals.connection_borrowed.send(self, alias=self.alias, connection=conn, waited=waited)
         return conn
 
     def give_back(self, conn: PooledConnection) -> None:
         """Take ``conn`` back from its borrower and start its reset."""
+        if signals.connection_returned.receivers:  # signals
+            self._send_returned(conn)
         holder = self.holders.pop(id(conn), None)
         if holder is not None and holder.warned:
             logger.info(
@@ -156,6 +180,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                     self.name,
                     exc,
                 )
+                conn._dpb_discard_reason = f"reset failed: {exc}"  # signals
                 conn.close()
         self.putconn(conn)
 
@@ -222,8 +247,10 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 if self.options.custom_check is not None:
                     self.options.custom_check(conn)
                 conn._dpb_last_ok = time.monotonic()
-        except Exception:
+        except Exception as exc:
             # Never let getconn() put a suspect connection back in the pool.
+            reason = conn._dpb_discard_reason or "check failed"  # signals
+            conn._dpb_discard_reason = f"{reason}: {exc}"  # signals
             conn.close()
             raise
 
@@ -315,6 +342,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         conn._dpb_last_ok = time.monotonic()
 
     def _connect(self, timeout: float | None = None) -> PooledConnection:
+        started = time.monotonic()  # signals
         try:
             conn = super()._connect(timeout)
         except Exception as exc:
@@ -325,6 +353,11 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             raise
         self.last_connect_error = None
         self.counters.opened += 1  # stats
+        conn._dpb_pool = weakref.ref(self)  # signals
+        if signals.connection_opened.receivers:  # signals
+            signals.connection_opened.send(
+                self, alias=self.alias, connection=conn, seconds=time.monotonic() - started
+            )
         return conn
 
     def _reset_connection(self, conn: PooledConnection) -> None:
@@ -345,16 +378,14 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
 
     def _finish_reset(self, conn: PooledConnection) -> None:
         try:
+            conn._dpb_discard_reason = "reset failed"  # signals
             reset.finish_reset(conn, self.timeout)
+            conn._dpb_discard_reason = None  # signals
         except Exception:
             self.counters.resets_failed += 1
             raise
-
-    def _close_connection(self, conn: PooledConnection) -> None:
-        # Every connection the pool closes on purpose: expired, idle above
-        # min_size, or the pool closing.  Broken ones are counted as lost.
-        self.counters.closed += 1
-        super()._close_connection(conn)
+        if signals.connection_reset.receivers:  # signals
+            signals.connection_reset.send(self, alias=self.alias, connection=conn)
 
     # -- explaining itself -------------------------------------------------
 
@@ -395,3 +426,37 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             "process, or find what holds connections for long (see 'leak_threshold')."
         )
         return "\n".join(lines)
+
+    # -- signals (django_pooled_backend.signals) ---------------------------
+    # Called only when the signal has receivers: nothing here runs otherwise.
+
+    def _send_returned(self, conn: PooledConnection) -> None:
+        holder = self.holders.get(id(conn))
+        held = holder.held_for() if holder is not None else 0.0
+        signals.connection_returned.send(self, alias=self.alias, connection=conn, held=held)
+
+    def _send_discarded(self, conn: PooledConnection) -> None:
+        reason = conn._dpb_discard_reason
+        if reason is None:
+            # Closed by psycopg_pool itself: tell why from the pool's state.
+            now = time.monotonic()
+            if self._closed:
+                reason = "pool closed"
+            elif getattr(conn, "_expire_at", now + 1) <= now:
+                reason = "max_lifetime"
+            elif getattr(conn, "_created_at", now) <= getattr(self, "_drained_at", 0.0):
+                reason = "drained"
+            else:
+                reason = "max_idle"
+        signals.connection_discarded.send(self, alias=self.alias, connection=conn, reason=reason)
+
+    def _send_timed_out(self, reason: str, message: str) -> None:
+        if signals.borrow_timed_out.receivers:
+            signals.borrow_timed_out.send(
+                self,
+                alias=self.alias,
+                connection=None,
+                reason=reason,
+                state=self.state(),
+                message=message,
+            )

@@ -347,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         stop(args.data)
     elif args.action == "url":
         server = start(args.data, args.bindir)
+        ensure_database(server, args.database)
         print(server.url(args.database))
     else:
         current = running(args.data.resolve())

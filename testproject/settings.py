@@ -8,9 +8,11 @@ Pool options can be tuned from the environment for the demo and bench/.
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlencode
 
 import environ
 
+import django_pooled_backend.environ as environ_scheme  # registers postgres+pool://
 from testproject import pgserver
 
 BASE_DIR = Path(__file__).resolve().parent
@@ -57,15 +59,27 @@ TEMPLATES = [
     }
 ]
 
-_default = env.db_url_config(pgserver.database_url("testproject"))
-# TESTPROJECT_ENGINE lets bench/ and the comparison tests run the same
-# project on Django's stock backend (and its own pool).
-_default["ENGINE"] = env.str("TESTPROJECT_ENGINE", default="django_pooled_backend")
-_default.setdefault("OPTIONS", {})["pool"] = {
+_pool = {
     "min_size": env.int("POOL_MIN_SIZE", default=1),
     "max_size": env.int("POOL_MAX_SIZE", default=10),
     "timeout": env.float("POOL_TIMEOUT", default=10.0),
 }
+_url = pgserver.database_url("testproject")
+# TESTPROJECT_ENGINE lets bench/ and the comparison tests run the same
+# project on Django's stock backend (and its own pool).
+_engine = env.str("TESTPROJECT_ENGINE", default="django_pooled_backend")
+if _engine == "django_pooled_backend":
+    # The URL scheme of django_pooled_backend.environ: pool options in the
+    # query string, validated when the URL is read.
+    if not _url.startswith(environ_scheme.SCHEMES):
+        _url = "postgres+pool" + _url[_url.index("://") :]
+        _url += ("&" if "?" in _url else "?") + urlencode(
+            {f"pool_{key}": value for key, value in _pool.items()}
+        )
+    _default = env.db_url_config(_url)
+else:
+    _default = env.db_url_config(_url, engine=_engine)
+    _default.setdefault("OPTIONS", {})["pool"] = _pool
 DATABASES = {"default": _default}
 
 # Where the processes publish their pool statistics for `manage.py poolstats`
@@ -74,6 +88,10 @@ DATABASES = {"default": _default}
 if env.str("POOLSTATS_DIR", default=""):
     POOLED_BACKEND_STATS_DIR = env.str("POOLSTATS_DIR")
 POOLED_BACKEND_STATS_INTERVAL = env.float("POOLSTATS_INTERVAL", default=1.0)
+
+# How often each process publishes its pools in prometheus_client's
+# multiprocess mode (django_pooled_backend.prometheus).
+POOLED_BACKEND_PROMETHEUS_INTERVAL = env.float("POOLED_BACKEND_PROMETHEUS_INTERVAL", default=5.0)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True

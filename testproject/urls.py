@@ -1,6 +1,7 @@
 from django.contrib import admin
 from django.urls import path
 
+from django_pooled_backend.prometheus import metrics_view
 from testproject.shop import views
 
 urlpatterns = [
@@ -9,4 +10,5 @@ urlpatterns = [
     path("items/<int:pk>/order/", views.write, name="write"),
     path("slow/", views.slow, name="slow"),
     path("whoami/", views.whoami, name="whoami"),
+    path("metrics/", metrics_view, name="metrics"),
 ]

@@ -812,6 +812,6 @@ def test_system_check_reports_bad_statistics_settings(settings: Any) -> None:
     settings.POOLED_BACKEND_STATS_DIR = 42
     settings.POOLED_BACKEND_STATS_INTERVAL = "1s"
     errors = check_stats_settings()
-    assert [e.id for e in errors] == ["django_pooled_backend.E003"] * 2
+    assert [e.id for e in errors] == ["django_pooled_backend.E005"] * 2
     assert "POOLED_BACKEND_STATS_DIR is 42" in errors[0].msg
     assert "POOLED_BACKEND_STATS_INTERVAL is '1s'" in errors[1].msg

@@ -1,0 +1,147 @@
+"""The ``postgres+pool://`` database URL scheme, for django-environ.
+
+Import this module in settings before reading the URL::
+
+    import environ
+    import django_pooled_backend.environ  # registers postgres+pool://
+
+    env = environ.Env()
+    DATABASES = {"default": env.db_url("DATABASE_URL")}
+
+with, for example,
+``DATABASE_URL=postgres+pool://app:secret@db:5432/app?pool_max_size=20&pool_timeout=5``.
+
+Every ``pool_<key>`` query parameter becomes ``OPTIONS["pool"][<key>]``
+(SQLAlchemy's ``pool_size``, ``pool_recycle`` and ``pool_pre_ping`` keep
+their names), converted from text to the option's type, and validated at
+once by :func:`~django_pooled_backend.options.parse_pool_options`: a bad
+value fails when the settings are read, naming the query parameter.  The
+other query parameters stay libpq options (``sslmode``, ``connect_timeout``
+...), as with ``postgres://``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from typing import Any
+from urllib.parse import ParseResult, urlparse, urlunparse
+
+import environ as django_environ
+
+from .options import KNOWN_KEYS, SQLALCHEMY_ALIASES, PoolOptions, parse_pool_options
+
+ENGINE = "django_pooled_backend"
+SCHEMES = ("postgres+pool", "postgresql+pool")
+PREFIX = "pool_"
+
+# Options whose text is kept as it is ("name=1" is a name, not a number).
+_TEXT_KEYS = frozenset({"name"})
+# Options that take a mode name or True/False ("reset": "auto", True...).
+_MODE_KEYS = frozenset({"reset"})
+_BOOL_KEYS = frozenset(
+    {f.name for f in fields(PoolOptions) if f.type == "bool"} | {"pool_pre_ping"}
+)
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+_NONE = frozenset({"none", "null"})
+
+
+def register() -> None:
+    """Make django-environ map the ``postgres+pool`` schemes to this ENGINE (idempotent)."""
+    env_class: Any = django_environ.Env
+    for scheme in SCHEMES:
+        env_class.DB_SCHEMES[scheme] = ENGINE
+        # Host lists, Unix socket paths: parsed as for postgres://.
+        if scheme not in env_class.POSTGRES_FAMILY:
+            env_class.POSTGRES_FAMILY.append(scheme)
+    current = env_class.__dict__["db_url_config"]
+    if getattr(current.__func__, "_dpb_original", None) is not None:
+        return
+    original = current.__func__
+
+    def db_url_config(cls: Any, url: Any, engine: str | None = None) -> dict[str, Any]:
+        config: dict[str, Any] = original(cls, url, engine=engine)
+        if config.get("ENGINE") == ENGINE:
+            move_pool_options(config, url)
+        return config
+
+    db_url_config._dpb_original = original  # type: ignore[attr-defined]
+    db_url_config.__doc__ = original.__doc__
+    env_class.db_url_config = classmethod(db_url_config)
+
+
+def move_pool_options(config: dict[str, Any], url: str | ParseResult) -> None:
+    """Move the ``pool_*`` entries of ``config["OPTIONS"]`` into ``OPTIONS["pool"]``.
+
+    Values are converted from text and validated; a bad one raises
+    ``ImproperlyConfigured`` naming the query parameter, never the password.
+    """
+    options: dict[str, Any] = config.get("OPTIONS") or {}
+    params = [key for key in options if key.startswith(PREFIX)]
+    if not params:
+        return
+    pool: dict[str, Any] = {}
+    param_of: dict[str, str] = {}
+    for param in params:
+        key = option_key(param)
+        pool[key] = convert(key, options.pop(param))
+        param_of[key] = param
+    shown = redact(url)
+
+    def where(key: str | None) -> str:
+        if key is None:
+            return f"The query string of database URL {shown}"
+        return f"Query parameter {param_of.get(key, PREFIX + key)!r} of database URL {shown}"
+
+    # Fail now, naming the query parameter, rather than at the first query.
+    parse_pool_options("", pool, where=where)
+    options["pool"] = pool
+    config["OPTIONS"] = options
+
+
+def option_key(param: str) -> str:
+    """The pool option a ``pool_*`` query parameter sets."""
+    name = param[len(PREFIX) :]
+    if name not in KNOWN_KEYS and param in SQLALCHEMY_ALIASES:
+        return param
+    return name
+
+
+def convert(key: str, value: object) -> object:
+    """Query string text to the option's type; text that fits none is left for validation."""
+    # django-environ has already turned digit-only text into int.
+    text = str(value)
+    if key in _TEXT_KEYS:
+        return text
+    lowered = text.strip().lower()
+    if key in _BOOL_KEYS or key in _MODE_KEYS:
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        return lowered if key in _MODE_KEYS else text
+    if lowered in _NONE:
+        return None
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return text
+
+
+_PASSWORD = re.compile(r"^([^:@]*):[^@]*$")
+
+
+def redact(url: str | ParseResult) -> str:
+    """``url`` without its password and query string, safe to print."""
+    parsed = url if isinstance(url, ParseResult) else urlparse(url)
+    userinfo, at, hosts = parsed.netloc.rpartition("@")
+    if at:
+        userinfo = _PASSWORD.sub(r"\1:***", userinfo)
+    netloc = f"{userinfo}{at}{hosts}"
+    return urlunparse((parsed.scheme, netloc, parsed.path, "", "", ""))
+
+
+register()
