@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import psycopg
@@ -11,6 +10,7 @@ import pytest
 from django_pooled_backend.session import StatementJudge
 
 from .conftest import Wrappers, admin_dsn
+from .test_liveness import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -106,12 +106,7 @@ def test_a_clean_borrow_sends_no_reset_and_a_dirty_one_does(
         cursor.execute("SET statement_timeout = 1234")
     wrapper.close()
     # The reset was sent when the connection came back.
-    for _ in range(100):
-        if last_query(admin, pid).startswith("CLOSE ALL"):
-            break
-
-        time.sleep(0.02)
-    assert last_query(admin, pid).startswith("CLOSE ALL")
+    assert wait_until(lambda: last_query(admin, pid).startswith("CLOSE ALL"))
 
 
 def test_a_function_of_your_own_that_sets_session_state_triggers_the_reset(
@@ -142,12 +137,7 @@ def test_reset_always_resets_even_a_clean_borrow(
         cursor.execute("SELECT pg_backend_pid()")
         (pid,) = cursor.fetchone()
     wrapper.close()
-
-    for _ in range(100):
-        if last_query(admin, pid).startswith("CLOSE ALL"):
-            break
-        time.sleep(0.02)
-    assert last_query(admin, pid).startswith("CLOSE ALL")
+    assert wait_until(lambda: last_query(admin, pid).startswith("CLOSE ALL"))
 
 
 def test_a_cursor_class_of_your_own_means_every_borrow_is_reset(
