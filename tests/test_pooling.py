@@ -342,3 +342,19 @@ def test_server_side_binding_option_selects_server_binding_cursors(
         assert isinstance(cursor.cursor, ServerBindingCursor)
     wrapper.close()
     assert answer == 42
+
+
+def test_conn_health_checks_makes_every_borrow_a_round_trip_check(
+    make_wrapper: Wrappers, admin: psycopg.Connection[Any]
+) -> None:
+    wrapper = make_wrapper(
+        "healthy", {"min_size": 1, "max_size": 1, "check_after": 3600}, CONN_HEALTH_CHECKS=True
+    )
+    assert wrapper.pool_options is not None
+    assert wrapper.pool_options.check == "always"
+    pid = request_cycle(wrapper)
+    wrapper.ensure_connection()
+    # The borrow ran the empty query of the check, though check_after is an hour.
+    row = admin.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
+    wrapper.close()
+    assert row == ("",)
