@@ -488,6 +488,9 @@ class Publisher:
         self.pid = os.getpid()
         self._stop = threading.Event()
         self._failed = False
+        # One writer at a time: the thread and an explicit publish() share
+        # the temporary file's name.
+        self._lock = threading.Lock()
         self._thread = threading.Thread(
             target=self._run, name="django_pooled_backend stats", daemon=True
         )
@@ -500,11 +503,12 @@ class Publisher:
         from . import registry
 
         pools = [pool for pool in registry.all_pools() if not pool.closed]
-        if not pools:
-            remove_snapshot(self.directory)
-            return
-        ensure_directory(self.directory)
-        write_snapshot(self.directory, snapshot_process(pools, self.interval))
+        with self._lock:
+            if not pools:
+                remove_snapshot(self.directory)
+                return
+            ensure_directory(self.directory)
+            write_snapshot(self.directory, snapshot_process(pools, self.interval))
 
     def _run(self) -> None:
         while True:
