@@ -14,6 +14,7 @@ where they fail: a browser test that silently does not run proves nothing.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -33,6 +34,7 @@ from .test_stats import SAMPLE_POOL
 DB = "dpb_admin_pools"
 MAX_SIZE = 3
 HELD = 2  # slow requests held while comparing: at most 2 per worker, 1 connection to spare
+HOLD_MS = 30_000  # long enough to compare a few times on a busy machine
 STAFF = ("ops", "ops-throwaway-password")
 NOT_STAFF = ("visitor", "visitor-throwaway-password")
 ARTIFACTS = ROOT / "test-artifacts"
@@ -159,7 +161,7 @@ def expected_rows(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, s
     return rows
 
 
-def test_staff_see_every_worker_pool_as_poolstats_reports_it(server: Server, browser: Any) -> None:
+def test_staff_see_every_worker_pool_as_poolstats_reports_it(browser: Any, server: Server) -> None:
     workers = warm_both_workers(server)
     assert len(workers) == 2
     log_in(browser, server, STAFF)
@@ -179,55 +181,70 @@ def test_staff_see_every_worker_pool_as_poolstats_reports_it(server: Server, bro
         wait_for(lambda: server.total("lent") > 0, what="connections lent under load")
     server.idle()
 
-    threads, _ = in_parallel(server.port, [f"/slow/?ms={60_000}"] * HELD)
+    threads, _ = in_parallel(server.port, [f"/slow/?ms={HOLD_MS}"] * HELD)
     try:
-        wait_for(lambda: server.total("lent") == HELD, timeout=60, what="held connections")
-        # The page polls on its own; a poll borrows a connection too (the
-        # admin's session and user), and a snapshot taken during one shows
-        # it: compare again until a look sees no poll in flight.
-        for _ in range(10):
-            wait_for(
-                lambda: _page_total(browser, "lent") == str(HELD),
-                timeout=30,
-                what="the page to show the held connections",
+        with evidence(browser, "admin-pools"):
+            wait_for(lambda: server.total("lent") == HELD, timeout=60, what="held connections")
+            # The page polls on its own; a poll borrows a connection too (the
+            # admin's session and user), and a snapshot taken during one shows
+            # it: compare again until a look sees no poll in flight.
+            for _ in range(10):
+                wait_for(
+                    lambda: _page_total(browser, "lent") == str(HELD),
+                    timeout=30,
+                    what="the page to show the held connections",
+                )
+                page = browser.execute_script(READ_PAGE)
+                result = server.poolstats("--json")
+                assert result.returncode == 0, result.stderr
+                document = json.loads(result.stdout)
+                shown, expected = shown_rows(page), expected_rows(document)
+                if shown == expected:
+                    break
+            else:
+                raise AssertionError(
+                    f"the page never showed what poolstats --json did; last look: page {shown}, "
+                    f"poolstats {expected}"
+                )
+
+            assert {pid for _alias, pid in shown} == {str(pid) for pid in workers} | {"total"}
+            assert shown[("default", "total")]["lent"] == str(HELD)
+            assert shown[("default", "total")]["max_size"] == str(2 * MAX_SIZE)
+            assert "2 processes on" in page["status"]
+
+            holders = browser.execute_script(
+                "return Array.from(document.querySelectorAll('[data-field=oldest_holder]'), "
+                "td => td.innerText)"
             )
-            page = browser.execute_script(READ_PAGE)
-            result = server.poolstats("--json")
-            assert result.returncode == 0, result.stderr
-            document = json.loads(result.stdout)
-            shown, expected = shown_rows(page), expected_rows(document)
-            if shown == expected:
-                break
-        else:
-            raise AssertionError(
-                f"the page never showed what poolstats --json did; last look: page {shown}, "
-                f"poolstats {expected}"
+            assert any(
+                "testproject/shop/views.py:" in h and h.endswith(" in slow") for h in holders
             )
 
-        assert {pid for _alias, pid in shown} == {str(pid) for pid in workers} | {"total"}
-        assert shown[("default", "total")]["lent"] == str(HELD)
-        assert shown[("default", "total")]["max_size"] == str(2 * MAX_SIZE)
-        assert "2 processes on" in page["status"]
+            # Everything the page loaded came from the server itself.
+            resources = browser.execute_script(
+                "return performance.getEntriesByType('resource').map(e => e.name)"
+            )
+            assert any(r.endswith("/pools.js") for r in resources)
+            assert any(r.endswith("/pools.css") for r in resources)
+            assert all(r.startswith(server.url + "/") for r in resources), resources
+            assert server.password not in browser.page_source
 
-        holders = browser.execute_script(
-            "return Array.from(document.querySelectorAll('[data-field=oldest_holder]'), "
-            "td => td.innerText)"
-        )
-        assert any("testproject/shop/views.py:" in h and h.endswith(" in slow") for h in holders)
-
-        # Everything the page loaded came from the server itself.
-        resources = browser.execute_script(
-            "return performance.getEntriesByType('resource').map(e => e.name)"
-        )
-        assert any(r.endswith("/pools.js") for r in resources)
-        assert any(r.endswith("/pools.css") for r in resources)
-        assert all(r.startswith(server.url + "/") for r in resources), resources
-        assert server.password not in browser.page_source
-
-        save_screenshot(browser, SCREENSHOT)
-        assert SCREENSHOT.stat().st_size > 10_000
+            save_screenshot(browser, SCREENSHOT)
+            assert SCREENSHOT.stat().st_size > 10_000
     finally:
         join(threads)
+
+
+@contextlib.contextmanager
+def evidence(browser: Any, name: str) -> Iterator[None]:
+    """On failure, keep what the browser showed in test-artifacts/ (NAME-failed.png, .html)."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            save_screenshot(browser, ARTIFACTS / f"{name}-failed.png")
+            (ARTIFACTS / f"{name}-failed.html").write_text(browser.page_source)
+        raise
 
 
 def save_screenshot(browser: Any, path: Path) -> None:
@@ -250,7 +267,7 @@ def _page_total(browser: Any, field: str) -> str | None:
     return None if value is None else str(value)
 
 
-def test_waiters_problems_and_stale_processes_are_shown(server: Server, browser: Any) -> None:
+def test_waiters_problems_and_stale_processes_are_shown(browser: Any, server: Server) -> None:
     # A process of another host (its liveness cannot be checked from here,
     # only the age of its snapshot): all 4 connections lent, 2 waiting for
     # 7.5 s.  It stops publishing, so it turns stale after 3 s.
@@ -259,39 +276,41 @@ def test_waiters_problems_and_stale_processes_are_shown(server: Server, browser:
     snapshot["pools"] = [dict(SAMPLE_POOL)]  # type: ignore[list-item]
     path = stats.write_snapshot(server.directory, snapshot)
     try:
-        log_in(browser, server, STAFF)
-        waiting = wait_for(
-            lambda: browser.find_elements(
-                "css selector", "tr[data-pid='4242'] [data-field=waiting].pools-alert"
-            ),
-            what="the waiters of the other host's pool",
-        )
-        assert waiting[0].text == "2"
-        problems = browser.find_element("css selector", "#pools-problems").text
-        assert "pid 4242 on web-2, alias 'default': the pool is exhausted: all 4 connections" in (
-            problems
-        )
-        assert "a request has waited 7.5s for a connection (more than 5s)" in problems
-        save_screenshot(browser, ARTIFACTS / "admin-pools-problems.png")
-        stale = wait_for(
-            lambda: browser.find_element("css selector", "#pools-stale").text,
-            timeout=60,
-            what="the other host's snapshot to turn stale",
-        )
-        assert stale.startswith("Stale: pid 4242 on web-2 (")
-        assert not browser.find_elements("css selector", "tr[data-pid='4242']")
+        with evidence(browser, "admin-pools-problems"):
+            log_in(browser, server, STAFF)
+            waiting = wait_for(
+                lambda: browser.find_elements(
+                    "css selector", "tr[data-pid='4242'] [data-field=waiting].pools-alert"
+                ),
+                what="the waiters of the other host's pool",
+            )
+            assert waiting[0].text == "2"
+            problems = browser.find_element("css selector", "#pools-problems").text
+            assert (
+                "pid 4242 on web-2, alias 'default': the pool is exhausted: all 4 connections"
+                in (problems)
+            )
+            assert "a request has waited 7.5s for a connection (more than 5s)" in problems
+            save_screenshot(browser, ARTIFACTS / "admin-pools-problems.png")
+            stale = wait_for(
+                lambda: browser.find_element("css selector", "#pools-stale").text,
+                timeout=60,
+                what="the other host's snapshot to turn stale",
+            )
+            assert stale.startswith("Stale: pid 4242 on web-2 (")
+            assert not browser.find_elements("css selector", "tr[data-pid='4242']")
     finally:
         path.unlink()
 
 
-def test_admin_index_links_to_the_page(server: Server, browser: Any) -> None:
+def test_admin_index_links_to_the_page(browser: Any, server: Server) -> None:
     log_in(browser, server, STAFF, next_page="/admin/")
     link = browser.find_element("css selector", "#pools-link a[href='/admin/pools/']")
     link.click()
     wait_for(lambda: browser.current_url == server.url + PAGE, what="the pool page")
 
 
-def test_a_user_who_is_not_staff_is_refused(server: Server, browser: Any) -> None:
+def test_a_user_who_is_not_staff_is_refused(browser: Any, server: Server) -> None:
     log_in(browser, server, NOT_STAFF)
     # The admin's login form refuses accounts that are not staff.
     assert browser.current_url.startswith(f"{server.url}/admin/login/")
