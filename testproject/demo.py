@@ -1,5 +1,8 @@
 """The README's demo: the testproject under gunicorn, under load, and what the pools did.
 
+It starts by printing the address of the live pool page of the Django admin
+and a throwaway staff login, to watch the pools move while the load runs.
+
 Run it with ``bash .ci/demo`` (which sets up the virtualenv first) or, in
 an environment that has the project installed, ``python -m testproject.demo``.
 """
