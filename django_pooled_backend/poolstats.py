@@ -15,7 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-from .stats import HOSTNAME, SCHEMA, WAIT_WINDOW, PoolSnapshot, Published, read_snapshots
+from django.core.exceptions import ImproperlyConfigured
+
+from .stats import (
+    HOSTNAME,
+    SCHEMA,
+    WAIT_WINDOW,
+    PoolSnapshot,
+    Published,
+    configured_directory,
+    read_snapshots,
+)
 
 DEFAULT_MAX_WAIT = 5.0
 """``--check`` fails when a request has waited longer than this (seconds)."""
@@ -62,6 +72,24 @@ class Report:
         for published in self.live:
             for pool in published.snapshot["pools"]:
                 yield published, pool
+
+
+class NotPublished(Exception):
+    """Pool statistics are not published; the message says why and what to do."""
+
+
+def stats_directory() -> Path:
+    """The directory the processes publish in, or NotPublished saying why there is none."""
+    try:
+        directory = configured_directory()
+    except ImproperlyConfigured as exc:
+        raise NotPublished(str(exc)) from None
+    if directory is None:
+        raise NotPublished(
+            "Pool statistics are not published: settings.POOLED_BACKEND_STATS_DIR is None. "
+            "Remove that setting (or set it to a directory) and restart the server processes."
+        )
+    return directory
 
 
 def load(directory: Path, alias: str | None = None, now: float | None = None) -> Report:

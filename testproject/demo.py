@@ -1,5 +1,8 @@
 """The README's demo: the testproject under gunicorn, under load, and what the pools did.
 
+It starts by printing the address of the live pool page of the Django admin
+and a throwaway staff login, to watch the pools move while the load runs.
+
 Run it with ``bash .ci/demo`` (which sets up the virtualenv first) or, in
 an environment that has the project installed, ``python -m testproject.demo``.
 """
@@ -10,6 +13,7 @@ import argparse
 import http.client
 import os
 import random
+import secrets
 import socket
 import statistics
 import subprocess
@@ -145,12 +149,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-size", type=int, default=4)
     args = parser.parse_args(argv)
 
+    # The live pool page first, so that a newcomer can open it while the
+    # load runs; the staff user is created once the database is migrated.
+    port = free_port()
+    password = secrets.token_urlsafe(9)
+    print(f"== the live pools in the Django admin: http://127.0.0.1:{port}/admin/pools/")
+    print(
+        f"   log in as demo, password {password} (a throwaway staff user of this demo); "
+        f"the load runs {args.seconds:g}s (bash .ci/demo --seconds 120 to watch it longer)"
+    )
+
     url = pgserver.database_url("testproject")
     dsn = psycopg.conninfo.make_conninfo(url.replace("postgres://", "postgresql://", 1))
     host = psycopg.conninfo.conninfo_to_dict(dsn).get("host")
     print(f"== PostgreSQL on {host} (embedded unless DATABASE_URL is set)")
     print("== migrate and seed")
     manage("migrate", "--noinput", "-v", "0")
+    manage("ensure_user", "demo", password, "--staff")
     items = 100
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("TRUNCATE shop_order, shop_item RESTART IDENTITY")
@@ -160,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
             [items],
         )
 
-    port = free_port()
     env = {**os.environ, "POOL_MAX_SIZE": str(args.max_size), "POOL_MIN_SIZE": "1"}
     print(
         f"== gunicorn: {args.workers} workers x {args.threads} threads on 127.0.0.1:{port}, "

@@ -9,250 +9,40 @@ report what the workers are doing.
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from io import StringIO
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterator
 
-import psycopg
 import pytest
-from django.core.management import call_command
-from django.test import override_settings
-from psycopg import sql
 
 from django_pooled_backend import stats
 
-from .conftest import admin_dsn
+from .live import (
+    ROOT,
+    Server,
+    answers,
+    children,
+    in_parallel,
+    join,
+    serve,
+    wait_for,
+    warm_both_workers,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 DB = "dpb_poolstats"
 MAX_SIZE = 2
 
 pytestmark = pytest.mark.slow
-Completed = subprocess.CompletedProcess[str]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def database_url(name: str) -> str:
-    return os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + name
-
-
-def get(port: int, path: str, timeout: float = 60) -> Any:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        body = response.read()
-        assert response.status == 200, body[:500]
-        return json.loads(body)
-    finally:
-        conn.close()
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
-    """Poll ``condition`` until it returns something true (not a timed assertion)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what or condition}")
-        time.sleep(0.05)
-
-
-def children(pid: int) -> set[int]:
-    found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = stats._proc_stat(int(entry))
-            if fields is not None and len(fields) > 1 and fields[1] == str(pid):
-                found.add(int(entry))
-    return found
-
-
-@dataclass
-class Server:
-    port: int
-    master: subprocess.Popen[bytes]
-    directory: Path
-    env: dict[str, str]
-    password: str
-
-    def published(self) -> list[stats.Published]:
-        return stats.read_snapshots(self.directory)
-
-    def live(self) -> dict[int, dict[str, Any]]:
-        """Live worker pid -> its 'default' pool, as published now."""
-        return {
-            p.snapshot["pid"]: next(x for x in p.snapshot["pools"] if x["alias"] == "default")
-            for p in self.published()
-            if not p.stale
-        }
-
-    def total(self, key: str) -> int:
-        return sum(int(pool[key]) for pool in self.live().values())
-
-    def poolstats(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """``manage.py poolstats`` in a process of its own."""
-        return subprocess.run(
-            [sys.executable, "manage.py", "poolstats", *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-    def poolstats_at_once(
-        self, *argsets: tuple[str, ...]
-    ) -> list[subprocess.CompletedProcess[str]]:
-        """Several ``manage.py poolstats`` processes started together."""
-        results: dict[int, Completed] = {}
-
-        def run(i: int, args: tuple[str, ...]) -> None:
-            results[i] = self.poolstats(*args)
-
-        threads = [threading.Thread(target=run, args=(i, a)) for i, a in enumerate(argsets)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(180)
-        return [results[i] for i in range(len(argsets))]
-
-    def call(self, *args: str) -> str:
-        """``poolstats`` through call_command, in this test process."""
-        out = StringIO()
-        with override_settings(POOLED_BACKEND_STATS_DIR=str(self.directory)):
-            call_command("poolstats", *args, stdout=out)
-        return out.getvalue()
-
-    def idle(self) -> None:
-        """Wait for snapshots, all written from now on, where no request holds or waits."""
-        since = time.time()
-
-        def settled() -> bool:
-            fresh = [p for p in self.published() if not p.stale]
-            return bool(fresh) and all(
-                p.snapshot["time"] > since
-                and all(pool["lent"] == pool["waiting"] == 0 for pool in p.snapshot["pools"])
-                for p in fresh
-            )
-
-        wait_for(settled, what="idle pools")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    with psycopg.connect(admin_dsn(), autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB)))
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DB)))
-    directory = tmp_path_factory.mktemp("poolstats")
-    url = database_url(DB)
-    env = {
-        **os.environ,
-        "DATABASE_URL": url,
-        "DJANGO_SETTINGS_MODULE": "testproject.settings",
-        "POOLSTATS_DIR": str(directory),
-        "POOLSTATS_INTERVAL": "0.2",
-        "POOL_MIN_SIZE": "1",
-        "POOL_MAX_SIZE": str(MAX_SIZE),
-        "POOL_TIMEOUT": "30",
-        "PYTHONUNBUFFERED": "1",
-    }
-    port = free_port()
-    master = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "testproject.wsgi",
-            "--workers",
-            "2",
-            "--threads",
-            "4",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--graceful-timeout",
-            "5",
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
-    try:
-        wait_for(lambda: _answers(port), timeout=60, what="gunicorn")
-        password = psycopg.conninfo.conninfo_to_dict(
-            psycopg.conninfo.make_conninfo(url.replace("postgres://", "postgresql://", 1))
-        )["password"]
-        yield Server(port, master, directory, env, str(password))
-    finally:
-        master.terminate()
-        try:
-            master.wait(30)
-        except subprocess.TimeoutExpired:
-            master.kill()
-            master.wait(10)
-        with psycopg.connect(admin_dsn(), autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB))
-            )
-
-
-def _answers(port: int) -> bool:
-    with contextlib.suppress(OSError, http.client.HTTPException, AssertionError):
-        get(port, "/whoami/", timeout=5)
-        return True
-    return False
-
-
-def in_parallel(port: int, paths: list[str]) -> tuple[list[threading.Thread], list[Any]]:
-    """Send ``paths`` at once, one client thread each; returns threads and results."""
-    results: list[Any] = []
-
-    def fetch(path: str) -> None:
-        results.append(get(port, path))
-
-    threads = [threading.Thread(target=fetch, args=(path,)) for path in paths]
-    for t in threads:
-        t.start()
-    return threads, results
-
-
-def join(threads: list[threading.Thread]) -> None:
-    for t in threads:
-        t.join(120)
-        assert not t.is_alive()
-
-
-def warm_both_workers(server: Server) -> set[int]:
-    """Send bursts of requests until both workers have served one (and have a pool)."""
-    seen: set[int] = set()
-    for _ in range(20):
-        threads, results = in_parallel(server.port, ["/whoami/"] * 8)
-        join(threads)
-        seen |= {r["worker_pid"] for r in results}
-        if len(seen) == 2:
-            break
-    return seen
+    with serve(DB, tmp_path_factory.mktemp("poolstats"), max_size=MAX_SIZE) as server:
+        yield server
 
 
 def test_poolstats_lists_each_worker_with_a_pool(server: Server) -> None:
@@ -437,4 +227,4 @@ def test_a_killed_worker_disappears_from_poolstats(server: Server) -> None:
     assert victim not in {p["pid"] for p in data["processes"]}
     assert not path.exists()
     # gunicorn replaced the worker; the service goes on.
-    wait_for(lambda: _answers(server.port), what="gunicorn")
+    wait_for(lambda: answers(server.port), what="gunicorn")

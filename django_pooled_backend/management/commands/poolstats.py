@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from django_pooled_backend import poolstats, serverview, stats
+from django_pooled_backend import poolstats, serverview
 from django_pooled_backend.checks import ENGINE, pooled_aliases
 
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
@@ -173,12 +172,6 @@ def validate_alias(alias: str) -> None:
 def stats_directory() -> Path:
     """The directory the processes publish in, or a CommandError saying why there is none."""
     try:
-        directory = stats.configured_directory()
-    except ImproperlyConfigured as exc:
+        return poolstats.stats_directory()
+    except poolstats.NotPublished as exc:
         raise CommandError(str(exc)) from None
-    if directory is None:
-        raise CommandError(
-            "Pool statistics are not published: settings.POOLED_BACKEND_STATS_DIR is None. "
-            "Remove that setting (or set it to a directory) and restart the server processes."
-        )
-    return directory
