@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -179,6 +179,8 @@ def serve(
     threads: int = 4,
     interval: float = 0.2,
     migrate: bool = False,
+    gunicorn_args: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
 ) -> Iterator[Server]:
     """gunicorn serving the testproject on database ``db`` (created anew, dropped after)."""
     _recreate(db)
@@ -193,6 +195,7 @@ def serve(
         "POOL_MAX_SIZE": str(max_size),
         "POOL_TIMEOUT": "30",
         "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
     }
     password = psycopg.conninfo.conninfo_to_dict(
         psycopg.conninfo.make_conninfo(url.replace("postgres://", "postgresql://", 1))
@@ -226,6 +229,7 @@ def serve(
                 "5",
                 "--log-level",
                 "warning",
+                *gunicorn_args,
             ],
             cwd=ROOT,
             env=env,

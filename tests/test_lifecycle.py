@@ -5,15 +5,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import gc
-import http.client
 import json
 import logging
 import os
 import re
 import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -29,6 +25,7 @@ from django.db.backends.postgresql.base import DatabaseWrapper as DjangoWrapper
 
 from django_pooled_backend import registry
 
+from . import live
 from .conftest import Wrappers
 from .test_liveness import backend_pid, wait_until
 
@@ -114,71 +111,18 @@ def test_forked_child_on_djangos_pool_uses_the_parents_connection(
         wrapper.close_pool()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def get_json(port: int, path: str) -> dict[str, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    try:
-        conn.request("GET", path)
-        response = conn.getresponse()
-        body = response.read()
-        assert response.status == 200, body[:500]
-        return json.loads(body)  # type: ignore[no-any-return]
-    finally:
-        conn.close()
-
-
 @pytest.fixture
 def preloaded_gunicorn(tmp_path: Path, transactional_db: None) -> Iterator[tuple[int, Path, Any]]:
-    port = free_port()
     pid_file = tmp_path / "master.pid"
-    env = {
-        **os.environ,
-        "TESTPROJECT_QUERY_AT_IMPORT": "1",
-        "TESTPROJECT_PID_FILE": str(pid_file),
-        "DATABASE_URL": os.environ["DATABASE_URL"].rsplit("/", 1)[0]
-        + "/"
-        + connection.settings_dict["NAME"],
-    }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "testproject.wsgi",
-            "--preload",
-            "--workers",
-            "2",
-            "--threads",
-            "2",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--graceful-timeout",
-            "5",
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
-    try:
-        assert wait_until(lambda: _answers(port), timeout=30), "gunicorn did not start"
-        yield port, pid_file, proc
-    finally:
-        proc.terminate()
-        proc.wait(30)
-
-
-def _answers(port: int) -> bool:
-    try:
-        get_json(port, "/whoami/")
-    except (OSError, AssertionError):
-        return False
-    return True
+    with live.serve(
+        "dpb_preload",
+        tmp_path,
+        max_size=4,
+        threads=2,
+        gunicorn_args=["--preload"],
+        extra_env={"TESTPROJECT_QUERY_AT_IMPORT": "1", "TESTPROJECT_PID_FILE": str(pid_file)},
+    ) as server:
+        yield server.port, pid_file, server.master
 
 
 @pytest.mark.slow
@@ -192,7 +136,7 @@ def test_gunicorn_preload_workers_never_use_the_masters_connection(
     def sample(n: int) -> set[tuple[int, int]]:
         return {
             (r["worker_pid"], r["backend_pid"])
-            for r in (get_json(port, "/whoami/") for _ in range(n))
+            for r in (live.get(port, "/whoami/") for _ in range(n))
         }
 
     seen = sample(40)
