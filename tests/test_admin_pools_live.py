@@ -128,7 +128,17 @@ def log_in(driver: Any, server: Server, user: tuple[str, str], next_page: str = 
     driver.get(f"{server.url}/admin/login/?next={next_page}")
     driver.find_element(By.NAME, "username").send_keys(user[0])
     driver.find_element(By.NAME, "password").send_keys(user[1])
-    driver.find_element(By.CSS_SELECTOR, "#login-form [type=submit]").click()
+    submit = driver.find_element(By.CSS_SELECTOR, "#login-form [type=submit]")
+    submit.click()
+    # Wait for the next page (or the login form again, with its error) to
+    # replace this one: on a busy machine it may take a while.
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 60).until(expected_conditions.staleness_of(submit))
+    WebDriverWait(driver, 60).until(
+        lambda d: d.execute_script("return document.readyState") == "complete"
+    )
 
 
 def shown_rows(page: dict[str, Any]) -> dict[tuple[str, str], dict[str, str]]:
@@ -305,8 +315,12 @@ def test_waiters_problems_and_stale_processes_are_shown(browser: Any, server: Se
 
 def test_admin_index_links_to_the_page(browser: Any, server: Server) -> None:
     log_in(browser, server, STAFF, next_page="/admin/")
-    link = browser.find_element("css selector", "#pools-link a[href='/admin/pools/']")
-    link.click()
+    # The admin index may still be loading on a busy machine.
+    links = wait_for(
+        lambda: browser.find_elements("css selector", "#pools-link a[href='/admin/pools/']"),
+        what="the link on the admin index",
+    )
+    links[0].click()
     wait_for(lambda: browser.current_url == server.url + PAGE, what="the pool page")
 
 
