@@ -14,6 +14,6 @@ Modules:
     Aggregates repetitions and writes ``bench/results/latest.{md,rst,json}``.
 ``run``
     The command line.
-``profile``
+``profile_borrow``
     Where the time of one request goes, per strategy (cProfile).
 """

@@ -112,6 +112,24 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summaries
 
 
+def aggregate_paired(paired: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for p in paired:
+        groups.setdefault(p["strategy"], []).append(p)
+    return [
+        {
+            "strategy": strategy,
+            "us_per_request": _median(p["us_per_request"] for p in ps),
+            "overhead_us": _median(p["overhead_us"] for p in ps),
+            "overhead_us_q1": _median(p["overhead_us_q1"] for p in ps),
+            "overhead_us_q3": _median(p["overhead_us_q3"] for p in ps),
+            "cpu_overhead_us": _median(p["cpu_overhead_us"] for p in ps),
+            "reps": len(ps),
+        }
+        for strategy, ps in groups.items()
+    ]
+
+
 def aggregate_micro(micro: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups: dict[str, list[dict[str, Any]]] = {}
     for m in micro:
@@ -144,6 +162,7 @@ def _num(value: float, fmt: str = "{:.0f}") -> str:
 def tables(
     summaries: list[dict[str, Any]],
     micro: list[dict[str, Any]],
+    paired: list[dict[str, Any]],
     strategies: list[str],
     workloads: dict[str, str],
 ) -> tuple[list[Table], list[str]]:
@@ -212,8 +231,32 @@ def tables(
                 rows,
             )
         )
+    order = {name: i for i, name in enumerate(strategies)}
+    if paired:
+        rows = [
+            [
+                p["strategy"],
+                _num(p["us_per_request"], "{:.0f}"),
+                _num(p["overhead_us"], "{:+.0f}"),
+                f"{_num(p['overhead_us_q1'], '{:+.0f}')} to {_num(p['overhead_us_q3'], '{:+.0f}')}",
+                _num(p["cpu_overhead_us"], "{:+.0f}"),
+            ]
+            for p in sorted(paired, key=lambda p: order.get(p["strategy"], 99))
+        ]
+        result.append(
+            Table(
+                "(a) at T=1, strategies alternating in one thread: overhead per request",
+                [
+                    "strategy",
+                    "µs/request",
+                    "overhead µs",
+                    "middle half of rounds",
+                    "client CPU overhead µs",
+                ],
+                rows,
+            )
+        )
     if micro:
-        order = {name: i for i, name in enumerate(strategies)}
         rows = [
             [
                 m["strategy"],
@@ -299,6 +342,7 @@ def write(
     run: dict[str, Any],
     cells: list[dict[str, Any]],
     micro: list[dict[str, Any]],
+    paired: list[dict[str, Any]],
     strategies: list[str],
     workloads: dict[str, str],
 ) -> dict[str, Path]:
@@ -306,7 +350,8 @@ def write(
     directory.mkdir(parents=True, exist_ok=True)
     summaries = aggregate(cells)
     micro_summary = aggregate_micro(micro)
-    ts, notes = tables(summaries, micro_summary, strategies, workloads)
+    paired_summary = aggregate_paired(paired)
+    ts, notes = tables(summaries, micro_summary, paired_summary, strategies, workloads)
     paths = {
         "json": directory / "latest.json",
         "md": directory / "latest.md",
@@ -317,8 +362,10 @@ def write(
         "run": run,
         "summary": summaries,
         "microbenchmark": micro_summary,
+        "t1_alternating": paired_summary,
         "cells": cells,
         "microbenchmark_reps": micro,
+        "t1_alternating_reps": paired,
     }
     paths["json"].write_text(json.dumps(_no_nan(data), indent=1, default=str) + "\n")
     paths["md"].write_text(render_md(info, run, ts, notes))

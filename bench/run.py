@@ -24,14 +24,33 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
+# Run as a script, this folder is first on sys.path, where its modules
+# would shadow others (a "profile" here would be imported by cProfile).
+if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
+    sys.path[0] = str(ROOT)
+elif str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import pgbouncer as bouncer  # noqa: E402
 from bench import report, strategies  # noqa: E402
 
-QUICK = {"reps": 1, "seconds": 1.0, "warmup": 0.5, "threads": "1,4", "micro_iterations": 300}
-FULL = {"reps": 3, "seconds": 3.0, "warmup": 1.0, "threads": "1,4,16,64", "micro_iterations": 3000}
+QUICK = {
+    "reps": 1,
+    "seconds": 1.0,
+    "warmup": 0.5,
+    "threads": "1,4",
+    "micro_iterations": 300,
+    "paired_rounds": 10,
+}
+PAIRED_CHUNK = 20
+FULL = {
+    "reps": 3,
+    "seconds": 3.0,
+    "warmup": 1.0,
+    "threads": "1,4,16,64",
+    "micro_iterations": 3000,
+    "paired_rounds": 100,
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workloads", default="a,b,c", help="comma-separated: a, b, c")
     parser.add_argument("--micro-iterations", type=int, help="borrow+return iterations")
+    parser.add_argument(
+        "--paired-rounds", type=int, help="rounds of the alternating T=1 measurement (0: skip)"
+    )
     parser.add_argument("--items", type=int, default=10_000, help="rows in the table")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument(
@@ -223,6 +245,7 @@ def _run(
     print(f"Benchmark on PostgreSQL {info['postgresql']}, {info['cpu']} x{info['cores']}")
     cells: list[dict[str, Any]] = []
     micro: list[dict[str, Any]] = []
+    paired: list[dict[str, Any]] = []
     started = time.monotonic()
     for rep in range(args.reps):
         rng = random.Random(args.seed * 100 + rep)
@@ -270,6 +293,28 @@ def _run(
                 f"lifecycle {m['lifecycle_us']:7.1f} µs",
                 flush=True,
             )
+        # Strategies that open a connection per request cost milliseconds:
+        # the alternating measurement is about the others.
+        order = [s for s in chosen if s.conn_max_age is None or s.pooled]
+        if args.paired_rounds and "a" in args.workload_list and len(order) > 1:
+            result = workloads.paired_overhead(
+                order,
+                rounds=args.paired_rounds,
+                chunk=PAIRED_CHUNK,
+                items=args.items,
+                reference=strategies.REFERENCE,
+            )
+            for strategy in order:
+                strategies.close_pools(strategy)
+            for name, values in result.items():
+                paired.append({"strategy": name, "rep": rep, **values})
+                print(
+                    f"rep {rep + 1}/{args.reps} T=1 alternating {name:<21} "
+                    f"{values['us_per_request']:7.1f} µs/request  "
+                    f"{values['overhead_us']:+7.1f} µs  "
+                    f"client CPU {values['cpu_overhead_us']:+7.1f} µs",
+                    flush=True,
+                )
     run_info["duration"] = f"{time.monotonic() - started:.0f} s"
     paths = report.write(
         args.output_dir,
@@ -277,6 +322,7 @@ def _run(
         run_info,
         cells,
         micro,
+        paired,
         [s.name for s in chosen],
         {k: workloads.WORKLOADS[k].description for k in args.workload_list},
     )

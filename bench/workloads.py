@@ -203,6 +203,64 @@ def run_cell(
     }
 
 
+def paired_overhead(
+    chosen: list[Strategy], *, rounds: int, chunk: int, items: int, reference: str
+) -> dict[str, dict[str, float]]:
+    """Time per request of workload (a) at T=1, strategies alternating in one thread.
+
+    Every round runs ``chunk`` requests of each strategy in turn (rotating
+    the order), all from the same thread, so that slow drifts of a shared
+    machine hit every strategy alike; the per-round difference to
+    ``reference`` is the overhead, and its median over rounds is reported.
+    Every strategy's wrapper is open in that thread, so Django's request
+    signals do the same work for all of them.
+    """
+    per_round: dict[str, list[float]] = {s.name: [] for s in chosen}
+    diffs: dict[str, list[float]] = {s.name: [] for s in chosen}
+    cpu_diffs: dict[str, list[float]] = {s.name: [] for s in chosen}
+
+    def go() -> None:
+        rng = random.Random(7)
+        for s in chosen:
+            for _ in range(max(50, chunk)):
+                request(view_read, s.name, rng.randint(1, items))
+        for r in range(rounds):
+            k = r % len(chosen)
+            this_round: dict[str, float] = {}
+            this_cpu: dict[str, float] = {}
+            for s in chosen[k:] + chosen[:k]:
+                t0, c0 = time.perf_counter(), time.thread_time()
+                for _ in range(chunk):
+                    request(view_read, s.name, rng.randint(1, items))
+                this_cpu[s.name] = (time.thread_time() - c0) / chunk
+                this_round[s.name] = (time.perf_counter() - t0) / chunk
+            for name, value in this_round.items():
+                per_round[name].append(value)
+                diffs[name].append(value - this_round[reference])
+                cpu_diffs[name].append(this_cpu[name] - this_cpu[reference])
+        for s in chosen:
+            connections[s.name].close()
+
+    thread = threading.Thread(target=go, name="bench-paired")
+    thread.start()
+    thread.join()
+    import statistics
+
+    return {
+        name: {
+            "us_per_request": 1e6 * statistics.median(per_round[name]),
+            "overhead_us": 1e6 * statistics.median(diffs[name]),
+            # The middle half of the per-round differences: how sure the median is.
+            "overhead_us_q1": 1e6 * statistics.quantiles(diffs[name], n=4)[0],
+            "overhead_us_q3": 1e6 * statistics.quantiles(diffs[name], n=4)[2],
+            # CPU time of the requesting thread (syscalls included): what the
+            # client side costs, much less sensitive to other load.
+            "cpu_overhead_us": 1e6 * statistics.median(cpu_diffs[name]),
+        }
+        for name in per_round
+    }
+
+
 def microbench(strategy: Strategy, iterations: int) -> dict[str, Any]:
     """Borrow+return alone, and a request lifecycle without a query, in one thread.
 
