@@ -22,6 +22,7 @@ from django.db.backends.postgresql import base as postgresql
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 from django.utils.asyncio import async_unsafe
 from django.utils.functional import cached_property
+from psycopg.pq import TransactionStatus
 
 from . import registry
 from .options import PoolOptions, parse_pool_options
@@ -175,6 +176,20 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         level = self._isolation_level_option
         self.isolation_level = level if level is not None else IsolationLevel.READ_COMMITTED
         return self._lender.borrow()
+
+    def _set_autocommit(self, autocommit: bool) -> None:
+        conn = self.connection
+        if (
+            self.is_pooled
+            and conn.autocommit == autocommit
+            and conn.pgconn.transaction_status == TransactionStatus.IDLE
+        ):
+            # connect() sets AUTOCOMMIT on every borrow, and the pool lends
+            # connections in autocommit: psycopg would take its lock and run
+            # a generator only to find nothing to change (it does nothing
+            # else for an idle connection).
+            return
+        super()._set_autocommit(autocommit)  # type: ignore[misc]
 
     def init_connection_state(self) -> None:
         if not self.is_pooled:
