@@ -337,3 +337,20 @@ def test_server_side_binding_option_selects_server_binding_cursors(
         assert isinstance(cursor.cursor, ServerBindingCursor)
     wrapper.close()
     assert answer == 42
+
+
+def test_the_connection_given_back_last_is_lent_first(make_wrapper: Wrappers) -> None:
+    first = make_wrapper("lifo", {"min_size": 2, "max_size": 2})
+    second = make_wrapper("lifo", {"min_size": 2, "max_size": 2})
+    with first.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid_first,) = cursor.fetchone()
+    with second.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid_second,) = cursor.fetchone()
+    assert pid_first != pid_second
+    first.close()
+    second.close()
+    # The most recently used server connection serves the next requests
+    # (warm, like a persistent connection); the other one stays idle.
+    assert [request_cycle(first) for _ in range(3)] == [pid_second] * 3
