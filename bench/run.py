@@ -2,7 +2,7 @@
 
 Usage (from the repository root, after ``bash .ci/setup-venv "test,bench"``)::
 
-    .venv/bin/python bench/run.py                 # 3 repetitions, T = 1, 4, 16, 64
+    .venv/bin/python bench/run.py                 # 5 repetitions, T = 1, 4, 16, 64
     .venv/bin/python bench/run.py --quick         # a smoke run (about a minute)
     .venv/bin/python bench/run.py --strategies persistent,pooled --threads 1,4
 
@@ -44,8 +44,8 @@ QUICK = {
 }
 PAIRED_CHUNK = 20
 FULL = {
-    "reps": 3,
-    "seconds": 3.0,
+    "reps": 5,
+    "seconds": 2.0,
     "warmup": 1.0,
     "threads": "1,4,16,64",
     "micro_iterations": 3000,
@@ -58,8 +58,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="bench/run.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="fewer reps, seconds and threads")
-    parser.add_argument("--reps", type=int, help="repetitions (default 3, quick 1)")
-    parser.add_argument("--seconds", type=float, help="measured seconds per cell (default 3)")
+    parser.add_argument("--reps", type=int, help="repetitions (default 5, quick 1)")
+    parser.add_argument("--seconds", type=float, help="measured seconds per cell (default 2)")
     parser.add_argument("--warmup", type=float, help="unmeasured seconds per cell (default 1)")
     parser.add_argument("--threads", help="comma-separated thread counts (default 1,4,16,64)")
     parser.add_argument(
