@@ -86,7 +86,8 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
             r = ref.get((c["rep"], workload, threads))
             if r and r["rps"]:
                 ratios.append(c["rps"] / r["rps"])
-                overheads.append(1000 * (c["mean_ms"] - r["mean_ms"]))
+                if c["mean_ms"] is not None and r["mean_ms"] is not None:
+                    overheads.append(1000 * (c["mean_ms"] - r["mean_ms"]))
         rps = [c["rps"] for c in reps]
         errors = sum(c["errors"] for c in reps)
         summaries.append(
@@ -282,7 +283,10 @@ def _md_cell(text: str) -> str:
 def render_md(info: dict[str, str], run: dict[str, Any], ts: list[Table], notes: list[str]) -> str:
     lines = ["# Benchmark results", ""]
     lines += [f"- **{k}**: {_md_cell(v)}" for k, v in info.items()]
-    lines += [f"- **{k}**: {_md_cell(str(v))}" for k, v in run.items()]
+    lines += [
+        f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {_md_cell(str(v))}"
+        for k, v in run.items()
+    ]
     for t in ts:
         lines += ["", f"## {t.title}", ""]
         lines.append("| " + " | ".join(t.header) + " |")
@@ -311,7 +315,11 @@ def render_rst(info: dict[str, str], run: dict[str, Any], ts: list[Table], notes
         "",
     ]
     lines += [f"- **{k}**: {_rst_cell(v)}" for k, v in info.items()]
-    lines += [f"- **{k}**: {_rst_cell(str(v))}" for k, v in run.items()]
+    # A command line as typed (Sphinx would make "--" a dash in text).
+    lines += [
+        f"- **{k}**: ``{v}``" if k == "command" else f"- **{k}**: {_rst_cell(str(v))}"
+        for k, v in run.items()
+    ]
     for t in ts:
         lines += ["", t.title, "~" * len(t.title), "", ".. list-table::", "   :header-rows: 1", ""]
         for row in [t.header, *t.rows]:

@@ -78,6 +78,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--output-dir", type=Path, default=ROOT / "bench" / "results", help="where to write"
     )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: write the reports again from a latest.json (after a report change)",
+    )
     args = parser.parse_args(argv)
     defaults = QUICK if args.quick else FULL
     for key, value in defaults.items():
@@ -179,8 +185,33 @@ def server_version(db: dict[str, Any]) -> str:
     return str(row[0]) if row else "unknown"
 
 
+def render(path: Path, output_dir: Path) -> int:
+    """Write the Markdown and reStructuredText reports again from a JSON report."""
+    import json
+
+    from bench.workloads import WORKLOADS
+
+    data = json.loads(path.read_text())
+    present = {c["strategy"] for c in data["cells"]}
+    keys = sorted({c["workload"] for c in data["cells"]})
+    paths = report.write(
+        output_dir,
+        data["machine"],
+        data["run"],
+        data["cells"],
+        data["microbenchmark_reps"],
+        data["t1_alternating_reps"],
+        [s.name for s in strategies.STRATEGIES if s.name in present],
+        {k: WORKLOADS[k].description for k in keys},
+    )
+    print("Wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        return render(args.render, args.output_dir)
     import environ
 
     url = database_url()
