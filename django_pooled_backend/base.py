@@ -22,6 +22,7 @@ from django.db.backends.postgresql import base as postgresql
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 from django.utils.asyncio import async_unsafe
 from django.utils.functional import cached_property
+from psycopg.pq import TransactionStatus
 
 from . import (
     checks,  # noqa: F401 - registers the system checks, even without the app
@@ -202,6 +203,20 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self.isolation_level = level if level is not None else IsolationLevel.READ_COMMITTED
         return self._lender.borrow(self)
 
+    def _set_autocommit(self, autocommit: bool) -> None:
+        conn = self.connection
+        if (
+            self.is_pooled
+            and conn.autocommit == autocommit
+            and conn.pgconn.transaction_status == TransactionStatus.IDLE
+        ):
+            # connect() sets AUTOCOMMIT on every borrow, and the pool lends
+            # connections in autocommit: psycopg would take its lock and run
+            # a generator only to find nothing to change (it does nothing
+            # else for an idle connection).
+            return
+        super()._set_autocommit(autocommit)  # type: ignore[misc]
+
     def init_connection_state(self) -> None:
         if not self.is_pooled:
             super().init_connection_state()
@@ -227,13 +242,6 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             # A server-side cursor is declared WITH HOLD outside transactions.
             self.connection._dpb_dirty = True
         return super().create_cursor(name)
-
-    def _set_autocommit(self, autocommit: bool) -> None:
-        # A pooled connection comes back in autocommit, and psycopg costs a
-        # few microseconds to set what is already set: skip it on the hot path.
-        if self.connection is not None and self.connection.autocommit == autocommit:
-            return
-        super()._set_autocommit(autocommit)  # type: ignore[misc]
 
     def close_if_health_check_failed(self) -> None:
         if self.is_pooled:

@@ -358,3 +358,20 @@ def test_conn_health_checks_makes_every_borrow_a_round_trip_check(
     row = admin.execute("SELECT query FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
     wrapper.close()
     assert row == ("",)
+
+
+def test_the_connection_given_back_last_is_lent_first(make_wrapper: Wrappers) -> None:
+    first = make_wrapper("lifo", {"min_size": 2, "max_size": 2})
+    second = make_wrapper("lifo", {"min_size": 2, "max_size": 2})
+    with first.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid_first,) = cursor.fetchone()
+    with second.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid_second,) = cursor.fetchone()
+    assert pid_first != pid_second
+    first.close()
+    second.close()
+    # The most recently used server connection serves the next requests
+    # (warm, like a persistent connection); the other one stays idle.
+    assert [request_cycle(first) for _ in range(3)] == [pid_second] * 3

@@ -1,0 +1,365 @@
+"""Benchmark every connection strategy side by side, in one process, in one command.
+
+Usage (from the repository root, after ``bash .ci/setup-venv "test,bench"``)::
+
+    .venv/bin/python bench/run.py                 # 5 repetitions, T = 1, 4, 16, 64
+    .venv/bin/python bench/run.py --quick         # a smoke run (about a minute)
+    .venv/bin/python bench/run.py --strategies persistent,pooled --threads 1,4
+
+The server is ``DATABASE_URL`` if set, else the embedded PostgreSQL of
+``testproject.pgserver`` (started here, stopped at exit).  Within each
+repetition, every (workload, T) runs all strategies back to back in a
+shuffled order, so that ratios to persistent connections compare runs made
+seconds apart.  Results go to ``bench/results/latest.{md,rst,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a script, this folder is first on sys.path, where its modules
+# would shadow others (a "profile" here would be imported by cProfile).
+if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
+    sys.path[0] = str(ROOT)
+elif str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import pgbouncer as bouncer  # noqa: E402
+from bench import report, strategies  # noqa: E402
+
+QUICK = {
+    "reps": 1,
+    "seconds": 1.0,
+    "warmup": 0.5,
+    "threads": "1,4",
+    "micro_iterations": 300,
+    "paired_rounds": 10,
+}
+PAIRED_CHUNK = 20
+FULL = {
+    "reps": 5,
+    "seconds": 2.0,
+    "warmup": 1.0,
+    "threads": "1,4,16,64",
+    "micro_iterations": 3000,
+    "paired_rounds": 100,
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="fewer reps, seconds and threads")
+    parser.add_argument("--reps", type=int, help="repetitions (default 5, quick 1)")
+    parser.add_argument("--seconds", type=float, help="measured seconds per cell (default 2)")
+    parser.add_argument("--warmup", type=float, help="unmeasured seconds per cell (default 1)")
+    parser.add_argument("--threads", help="comma-separated thread counts (default 1,4,16,64)")
+    parser.add_argument(
+        "--strategies",
+        default=",".join(s.name for s in strategies.STRATEGIES),
+        help="comma-separated strategies (default: all): "
+        + ", ".join(s.name for s in strategies.STRATEGIES),
+    )
+    parser.add_argument("--workloads", default="a,b,c", help="comma-separated: a, b, c")
+    parser.add_argument("--micro-iterations", type=int, help="borrow+return iterations")
+    parser.add_argument(
+        "--paired-rounds", type=int, help="rounds of the alternating T=1 measurement (0: skip)"
+    )
+    parser.add_argument("--items", type=int, default=10_000, help="rows in the table")
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument(
+        "--output-dir", type=Path, default=ROOT / "bench" / "results", help="where to write"
+    )
+    parser.add_argument(
+        "--render",
+        type=Path,
+        metavar="JSON",
+        help="run nothing: write the reports again from a latest.json (after a report change)",
+    )
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.threads = [int(t) for t in str(args.threads).split(",")]
+    names = [n.strip() for n in args.strategies.split(",") if n.strip()]
+    unknown = [n for n in names if n not in strategies.BY_NAME]
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; choose among {list(strategies.BY_NAME)}")
+    if strategies.REFERENCE not in names:
+        # Ratios need the reference in every repetition.
+        names.insert(0, strategies.REFERENCE)
+    args.strategy_list = [strategies.BY_NAME[n] for n in names]
+    args.workload_list = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    return args
+
+
+def database_url() -> str:
+    """``DATABASE_URL``, or the embedded server's ``bench`` database."""
+    from testproject import pgserver
+
+    if os.environ.get("DATABASE_URL"):
+        return os.environ["DATABASE_URL"]
+    return pgserver.database_url("bench")
+
+
+def ensure_database(db: dict[str, Any]) -> None:
+    """Create the database named in ``db`` if the server does not have it."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(
+        host=db["HOST"],
+        port=db["PORT"],
+        user=db["USER"],
+        password=db["PASSWORD"],
+        dbname="postgres",
+        autocommit=True,
+    ) as conn:
+        if not conn.execute(
+            "SELECT 1 FROM pg_database WHERE datname = %s", [db["NAME"]]
+        ).fetchone():
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db["NAME"])))
+
+
+def configure_django(
+    db: dict[str, Any], chosen: list[strategies.Strategy], port: int | None
+) -> None:
+    import django
+    from django.conf import settings
+
+    databases = {
+        # Used only to create and fill the table.
+        "default": {**strategies.Strategy("setup", "").settings(db, None)},
+        **{s.name: s.settings(db, port) for s in chosen},
+    }
+    settings.configure(
+        DEBUG=False,
+        SECRET_KEY="bench-not-secret",
+        DATABASES=databases,
+        INSTALLED_APPS=["testproject.shop"],
+        USE_TZ=True,
+        TIME_ZONE="UTC",
+        DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
+    )
+    django.setup()
+
+
+def prepare_table(items: int) -> None:
+    from django.core.management import call_command
+    from django.db import connections
+
+    from testproject.shop.models import Item
+
+    call_command("migrate", "shop", database="default", verbosity=0, interactive=False)
+    if Item.objects.count() != items:
+        with connections["default"].cursor() as cursor:
+            cursor.execute("TRUNCATE shop_item, shop_order RESTART IDENTITY")
+        Item.objects.bulk_create(
+            [Item(name=f"item {n}", quantity=0) for n in range(1, items + 1)], batch_size=2000
+        )
+    with connections["default"].cursor() as cursor:
+        cursor.execute("VACUUM ANALYZE shop_item")
+    connections["default"].close()
+
+
+def server_version(db: dict[str, Any]) -> str:
+    import psycopg
+
+    with psycopg.connect(
+        host=db["HOST"],
+        port=db["PORT"],
+        user=db["USER"],
+        password=db["PASSWORD"],
+        dbname=db["NAME"],
+    ) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+    return str(row[0]) if row else "unknown"
+
+
+def render(path: Path, output_dir: Path) -> int:
+    """Write the Markdown and reStructuredText reports again from a JSON report."""
+    import json
+
+    from bench.workloads import WORKLOADS
+
+    data = json.loads(path.read_text())
+    present = {c["strategy"] for c in data["cells"]}
+    keys = sorted({c["workload"] for c in data["cells"]})
+    paths = report.write(
+        output_dir,
+        data["machine"],
+        data["run"],
+        data["cells"],
+        data["microbenchmark_reps"],
+        data["t1_alternating_reps"],
+        [s.name for s in strategies.STRATEGIES if s.name in present],
+        {k: WORKLOADS[k].description for k in keys},
+    )
+    print("Wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.render:
+        return render(args.render, args.output_dir)
+    import environ
+
+    url = database_url()
+    db = environ.Env.db_url_config(url)
+    ensure_database(db)
+    sample_dsn = (
+        f"host={db['HOST']} port={db['PORT']} user={db['USER']} "
+        f"password={db['PASSWORD']} dbname={db['NAME']}"
+    )
+
+    chosen = []
+    for s in args.strategy_list:
+        missing = strategies.missing_requirement(s)
+        if missing:
+            print(
+                f"skipping {s.name}: module {missing!r} is not installed "
+                '(pip install -e ".[bench]")'
+            )
+            continue
+        chosen.append(s)
+
+    pgb = None
+    if any(s.via_pgbouncer for s in chosen):
+        binary = bouncer.find()
+        if binary is None:
+            print(f"skipping the PgBouncer strategies: pgbouncer not found. {bouncer.INSTALL_HINT}")
+            chosen = [s for s in chosen if not s.via_pgbouncer]
+        else:
+            pgb = bouncer.start(
+                binary,
+                db["HOST"],
+                int(db["PORT"]),
+                db["USER"],
+                db["PASSWORD"],
+                pool_size=strategies.POOL_MAX,
+            )
+    try:
+        return _run(args, db, chosen, pgb, sample_dsn)
+    finally:
+        if pgb is not None:
+            pgb.stop()
+
+
+def _run(
+    args: argparse.Namespace,
+    db: dict[str, Any],
+    chosen: list[strategies.Strategy],
+    pgb: bouncer.PgBouncer | None,
+    sample_dsn: str,
+) -> int:
+    configure_django(db, chosen, pgb.port if pgb else None)
+    prepare_table(args.items)
+    from bench import workloads
+
+    info = report.machine(server_version(db), pgb.version if pgb else None)
+    run_info = {
+        "command": " ".join(["bench/run.py", *sys.argv[1:]]),
+        "repetitions": args.reps,
+        "seconds per cell": f"{args.seconds:g} measured after {args.warmup:g} of warm-up",
+        "pool max_size": strategies.POOL_MAX,
+    }
+    print(f"Benchmark on PostgreSQL {info['postgresql']}, {info['cpu']} x{info['cores']}")
+    cells: list[dict[str, Any]] = []
+    micro: list[dict[str, Any]] = []
+    paired: list[dict[str, Any]] = []
+    started = time.monotonic()
+    for rep in range(args.reps):
+        rng = random.Random(args.seed * 100 + rep)
+        for key in args.workload_list:
+            workload = workloads.WORKLOADS[key]
+            for threads in args.threads:
+                order = list(chosen)
+                rng.shuffle(order)
+                for strategy in order:
+                    cell = workloads.run_cell(
+                        strategy,
+                        workload,
+                        threads,
+                        warmup=args.warmup,
+                        seconds=args.seconds,
+                        items=args.items,
+                        sample_dsn=sample_dsn,
+                        seed=args.seed + rep,
+                    )
+                    strategies.close_pools(strategy)
+                    cell["rep"] = rep
+                    cells.append(cell)
+                    print(
+                        f"rep {rep + 1}/{args.reps} ({key}) T={threads:<3} "
+                        f"{strategy.name:<21} {cell['rps']:8.0f} req/s  "
+                        f"p99 {cell['p99_ms']:7.2f} ms  conns {cell['peak_server_connections']:3}  "
+                        f"progressed {cell['threads_progressed']}/{threads}"
+                        + (
+                            f"  errors {cell['errors']}: {cell['first_error']}"
+                            if cell["errors"]
+                            else ""
+                        ),
+                        flush=True,
+                    )
+        order = [s for s in chosen if s.pooled or s.name == strategies.REFERENCE]
+        rng.shuffle(order)
+        for strategy in order:
+            m = workloads.microbench(strategy, args.micro_iterations)
+            strategies.close_pools(strategy)
+            m["rep"] = rep
+            micro.append(m)
+            print(
+                f"rep {rep + 1}/{args.reps} micro {strategy.name:<21} "
+                f"connect+close {m.get('connect_close_us', float('nan')):7.1f} µs  "
+                f"lifecycle {m['lifecycle_us']:7.1f} µs",
+                flush=True,
+            )
+        # Strategies that open a connection per request cost milliseconds:
+        # the alternating measurement is about the others.
+        order = [s for s in chosen if s.conn_max_age is None or s.pooled]
+        if args.paired_rounds and "a" in args.workload_list and len(order) > 1:
+            result = workloads.paired_overhead(
+                order,
+                rounds=args.paired_rounds,
+                chunk=PAIRED_CHUNK,
+                items=args.items,
+                reference=strategies.REFERENCE,
+            )
+            for strategy in order:
+                strategies.close_pools(strategy)
+            for name, values in result.items():
+                paired.append({"strategy": name, "rep": rep, **values})
+                print(
+                    f"rep {rep + 1}/{args.reps} T=1 alternating {name:<21} "
+                    f"{values['us_per_request']:7.1f} µs/request  "
+                    f"{values['overhead_us']:+7.1f} µs  "
+                    f"client CPU {values['cpu_overhead_us']:+7.1f} µs",
+                    flush=True,
+                )
+    run_info["duration"] = f"{time.monotonic() - started:.0f} s"
+    paths = report.write(
+        args.output_dir,
+        info,
+        run_info,
+        cells,
+        micro,
+        paired,
+        [s.name for s in chosen],
+        {k: workloads.WORKLOADS[k].description for k in args.workload_list},
+    )
+    print("Wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The connection strategies, each one alias of ``DATABASES`` on the same database.
+
+Every alias sets ``application_name`` to ``bench <name>`` so that the
+sampler can count each strategy's server connections in
+``pg_stat_activity`` (PgBouncer passes the client's application name on to
+its server connections).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+POOL_MAX = 10
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way of getting a connection, as one ``DATABASES`` alias."""
+
+    name: str
+    description: str
+    engine: str = "django.db.backends.postgresql"
+    conn_max_age: int | None = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    via_pgbouncer: bool = False
+    # connect()/close() borrow from and return to a pool in this process.
+    pooled: bool = False
+    # Only what this strategy needs installed, to say what is missing.
+    requires: str | None = None
+
+    @property
+    def application_name(self) -> str:
+        return f"bench {self.name}"
+
+    @property
+    def server_name_pattern(self) -> str:
+        """A LIKE pattern for this strategy's server connections."""
+        # The two PgBouncer strategies share PgBouncer's server pool: a server
+        # connection keeps the name of the last client it served.
+        return "bench pgbouncer%" if self.via_pgbouncer else self.application_name
+
+    def settings(self, db: dict[str, Any], pgbouncer_port: int | None) -> dict[str, Any]:
+        """The ``DATABASES`` entry of this strategy."""
+        entry: dict[str, Any] = {
+            "ENGINE": self.engine,
+            "NAME": db["NAME"],
+            "USER": db["USER"],
+            "PASSWORD": db["PASSWORD"],
+            "HOST": db["HOST"],
+            "PORT": db["PORT"],
+            "CONN_MAX_AGE": self.conn_max_age,
+            "OPTIONS": {"application_name": self.application_name, **self.options},
+            **self.extra,
+        }
+        if self.via_pgbouncer:
+            assert pgbouncer_port is not None
+            entry["HOST"] = "127.0.0.1"
+            entry["PORT"] = str(pgbouncer_port)
+        return entry
+
+
+STRATEGIES: list[Strategy] = [
+    Strategy(
+        "no-pool",
+        "Django's PostgreSQL backend, CONN_MAX_AGE=0: a new server connection per request.",
+    ),
+    Strategy(
+        "persistent",
+        "Django's PostgreSQL backend, CONN_MAX_AGE=None: one connection per thread, kept "
+        "(the reference; unbounded: one server connection per thread).",
+        conn_max_age=None,
+    ),
+    Strategy(
+        "django-pool",
+        "Django's own pool: OPTIONS['pool'] = {'min_size': 1, 'max_size': 10} "
+        "(psycopg_pool, no reset, no check).",
+        options={"pool": {"min_size": 1, "max_size": POOL_MAX}},
+        pooled=True,
+    ),
+    Strategy(
+        "db-connection-pool",
+        "django-db-connection-pool: SQLAlchemy QueuePool, POOL_SIZE=10, MAX_OVERFLOW=0, "
+        "its defaults otherwise (pre_ping on).",
+        engine="dj_db_conn_pool.backends.postgresql",
+        extra={"POOL_OPTIONS": {"POOL_SIZE": POOL_MAX, "MAX_OVERFLOW": 0}},
+        pooled=True,
+        requires="dj_db_conn_pool",
+    ),
+    Strategy(
+        "pg-real-pool",
+        "django-pg-real-pool: Django's pool (min 1, max 10) released after every query "
+        "outside atomic().",
+        engine="django_pg_real_pool",
+        options={"pool": {"min_size": 1, "max_size": POOL_MAX}},
+        pooled=True,
+        requires="django_pg_real_pool",
+    ),
+    Strategy(
+        "pgbouncer",
+        "PgBouncer, transaction mode, pool size 10; Django's backend with CONN_MAX_AGE=0 "
+        "(a new client connection to PgBouncer per request).",
+        via_pgbouncer=True,
+    ),
+    Strategy(
+        "pgbouncer-persistent",
+        "PgBouncer, transaction mode, pool size 10; Django's backend with "
+        "CONN_MAX_AGE=None (one client connection per thread).",
+        conn_max_age=None,
+        via_pgbouncer=True,
+    ),
+    Strategy(
+        "pooled",
+        "This backend, defaults (session reset on, checks 'auto'), max_size 10.",
+        engine="django_pooled_backend",
+        options={"pool": {"max_size": POOL_MAX}},
+        pooled=True,
+    ),
+    Strategy(
+        "pooled-no-reset",
+        "This backend with 'reset': False (to show the reset's cost), max_size 10.",
+        engine="django_pooled_backend",
+        options={"pool": {"max_size": POOL_MAX, "reset": False}},
+        pooled=True,
+    ),
+]
+
+BY_NAME = {s.name: s for s in STRATEGIES}
+REFERENCE = "persistent"
+
+
+def missing_requirement(strategy: Strategy) -> str | None:
+    """The module a strategy needs that is not installed, or None."""
+    if strategy.requires is None:
+        return None
+    import importlib.util
+
+    return None if importlib.util.find_spec(strategy.requires) else strategy.requires
+
+
+def close_pools(strategy: Strategy) -> None:
+    """Close the process-side pool of ``strategy`` so that the next cell starts cold."""
+    from django.db import connections
+
+    closers: dict[str, Callable[[], None]] = {
+        "django_pooled_backend": lambda: connections[strategy.name].close_pool(),
+        "django_pg_real_pool": lambda: _close_django_pool(strategy.name),
+        "django.db.backends.postgresql": lambda: _close_django_pool(strategy.name),
+        "dj_db_conn_pool.backends.postgresql": lambda: _close_dbcp(strategy.name),
+    }
+    with contextlib.suppress(KeyError):
+        closers[strategy.engine]()
+
+
+def _close_django_pool(alias: str) -> None:
+    from django.db.backends.postgresql.base import DatabaseWrapper
+
+    # Django's pool property creates a pool when there is none: look first.
+    pool = DatabaseWrapper._connection_pools.pop(alias, None)
+    if pool is not None:
+        pool.close()
+
+
+def _close_dbcp(alias: str) -> None:
+    from dj_db_conn_pool.core import pool_container
+
+    with pool_container.lock:
+        pool = pool_container.pop(alias, None)
+    if pool is not None:
+        pool.dispose()
