@@ -17,7 +17,7 @@ from typing import Any, Literal
 from django.core.exceptions import ImproperlyConfigured
 
 CheckMode = Literal["auto", "always", "never"]
-ReleaseMode = Literal["request"]
+ReleaseMode = Literal["request", "transaction"]
 
 # SQLAlchemy's QueuePool vocabulary, as used by the most-read pooling
 # tutorials, mapped onto psycopg_pool's.
@@ -236,10 +236,16 @@ def parse_pool_options(alias: str, raw: object) -> PoolOptions:
                 "Leave it out (True): the session is reset before the next borrower gets it.",
             )
         values["reset"] = raw["reset"]
-    if "release" in raw and raw["release"] != "request":
-        raise r.fail(
-            "release", "the only release mode is 'request'", "Use 'request' or leave it out."
-        )
+    if "release" in raw:
+        if raw["release"] not in ("request", "transaction"):
+            raise r.fail(
+                "release",
+                "it must be 'request' or 'transaction'",
+                "Leave it out ('request': the connection goes back at the end of the "
+                "request), or use 'transaction' to give it back after each statement "
+                "or transaction.",
+            )
+        values["release"] = raw["release"]
     if "configure" in raw:
         if not callable(raw["configure"]):
             raise r.fail(

@@ -36,6 +36,9 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpb_last_ok: float = 0.0
     # A reset query was sent and its answer has not been read yet.
     _dpb_reset_pending: bool = False
+    # connection_created was sent for a Django connection holding this one
+    # (see "release" in the configuration docs).
+    _dpb_announced: bool = False
 
 
 class DjangoConnectionPool(ConnectionPool[PooledConnection]):
@@ -62,6 +65,10 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         self.options = options
         self.connect_kwargs = kwargs
         self.holders: dict[int, Holder] = {}
+        # Set by the registry when it no longer hands this pool out (closed,
+        # replaced, or inherited through fork()): a Django connection that
+        # gave a connection back between statements must not borrow here again.
+        self.retired = False
         self.last_connect_error: str | None = None
         self._configure_sql = configure_sql
         self._reset_query: bytes | None = None
@@ -127,9 +134,9 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         # The borrower's last use proves the connection was alive a moment
         # ago: the next borrow within check_after skips the round trip.
         conn._dpb_last_ok = time.monotonic()
-        if self.options.reset and not conn.closed:
+        if not conn.closed:
             try:
-                self._start_reset(conn)
+                self._prepare_return(conn)
             except Exception as exc:  # noqa: BLE001 - any failure discards it
                 logger.warning(
                     "Discarding a connection of pool %r: the session reset failed (%s).",
@@ -139,7 +146,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 conn.close()
         self.putconn(conn)
 
-    def _start_reset(self, conn: PooledConnection) -> None:
+    def _prepare_return(self, conn: PooledConnection) -> None:
         status = conn.pgconn.transaction_status
         if status == TransactionStatus.ACTIVE:
             # Returned in the middle of an operation: nothing sane to do.
@@ -148,12 +155,16 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             # Rare (Django commits or rolls back its own transactions): pay a
             # round trip here rather than teach the pipelined reset about it.
             conn.rollback()
+        # Even without the session reset, every borrower gets a connection in
+        # autocommit at the pool's isolation level: a Django connection that
+        # borrows again between statements does not set them (see base.py).
         if not conn.autocommit:
             conn.autocommit = True
         if conn.isolation_level != self.isolation_level:
             conn.isolation_level = self._isolation_level
-        reset.send_reset(conn, self._reset_query_for(conn))
-        conn._dpb_reset_pending = True
+        if self.options.reset:
+            reset.send_reset(conn, self._reset_query_for(conn))
+            conn._dpb_reset_pending = True
 
     def _reset_query_for(self, conn: PooledConnection) -> bytes:
         if self._reset_query is None:
@@ -166,21 +177,25 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         # Called by getconn(); raising discards the connection and getconn()
         # tries another one.
         try:
-            if conn._dpb_reset_pending:
-                conn._dpb_reset_pending = False
-                reset.finish_reset(conn, self.timeout)
-            pgconn = conn.pgconn
-            if pgconn.status != ConnStatus.OK:
-                raise e.OperationalError("the connection is closed")
-            # A server that closed the connection (pg_terminate_backend,
-            # idle_session_timeout, shutdown) left a message and an EOF on
-            # the socket: that costs a poll, not a round trip, to see.
-            if reset.readable(pgconn.socket):
-                pgconn.consume_input()
+            # Under the connection's lock, as psycopg reads results: a cursor
+            # of a transaction-scoped borrower may still read this
+            # connection's parameters (see release.py).
+            with conn.lock:
+                if conn._dpb_reset_pending:
+                    conn._dpb_reset_pending = False
+                    reset.finish_reset(conn, self.timeout)
+                pgconn = conn.pgconn
                 if pgconn.status != ConnStatus.OK:
-                    raise e.OperationalError("the server closed the connection")
-                while pgconn.notifies() is not None:
-                    pass
+                    raise e.OperationalError("the connection is closed")
+                # A server that closed the connection (pg_terminate_backend,
+                # idle_session_timeout, shutdown) left a message and an EOF on
+                # the socket: that costs a poll, not a round trip, to see.
+                if reset.readable(pgconn.socket):
+                    pgconn.consume_input()
+                    if pgconn.status != ConnStatus.OK:
+                        raise e.OperationalError("the server closed the connection")
+                    while pgconn.notifies() is not None:
+                        pass
             if self.options.check == "always" or (
                 time.monotonic() - conn._dpb_last_ok > self.options.check_after
             ):
@@ -292,7 +307,8 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         """Used by :meth:`check` on idle connections: finish any reset first."""
         if conn._dpb_reset_pending:
             conn._dpb_reset_pending = False
-            reset.finish_reset(conn, self.timeout)
+            with conn.lock:
+                reset.finish_reset(conn, self.timeout)
         ConnectionPool.check_connection(conn)
 
     # -- explaining itself -------------------------------------------------

@@ -19,7 +19,7 @@ from django_pooled_backend import registry
 from django_pooled_backend.base import DatabaseWrapper
 from testproject import pgserver
 
-from .conftest import Wrappers, server_pids
+from .conftest import Wrappers, pooled, server_pids
 
 
 def backend_pid(wrapper: Any) -> int:
@@ -56,7 +56,7 @@ def killable(request: pytest.FixtureRequest, transactional_db: None) -> Iterator
     options = {k: v for k, v in settings_dict["OPTIONS"].items() if k != "pool"}
     if request.param == "pooled":
         # A long check_after: only the free socket check can save us.
-        options["pool"] = {"min_size": 1, "max_size": 1, "check_after": 3600}
+        options["pool"] = pooled({"min_size": 1, "max_size": 1, "check_after": 3600})
         wrapper: Any = DatabaseWrapper({**settings_dict, "OPTIONS": options}, alias)
     else:
         options["pool"] = {"min_size": 1, "max_size": 1}
@@ -100,6 +100,7 @@ def test_connection_killed_while_lent_fails_that_request_only(
 ) -> None:
     wrapper = make_wrapper("killed_in_use", {"min_size": 1, "max_size": 1})
     pid = backend_pid(wrapper)
+    wrapper.ensure_connection()  # lent now, in both release modes
     terminate(admin, pid)
     with pytest.raises(OperationalError), wrapper.cursor() as cursor:
         cursor.execute("SELECT 1")
@@ -136,7 +137,7 @@ def test_server_restart_under_load_loses_no_acknowledged_write(
         HOST=private_server.host,
         PORT=private_server.port,
     )
-    settings_dict["OPTIONS"] = {"pool": {"min_size": 2, "max_size": 4, "timeout": 10}}
+    settings_dict["OPTIONS"] = {"pool": pooled({"min_size": 2, "max_size": 4, "timeout": 10})}
     acked: list[str] = []
     failures: list[tuple[float, BaseException]] = []
     started_ok_after: list[float] = []
@@ -213,6 +214,7 @@ def test_expired_connection_is_replaced_when_it_comes_back(
 ) -> None:
     wrapper = make_wrapper("expiring", {"min_size": 1, "max_size": 1, "max_lifetime": 0.5})
     first = backend_pid(wrapper)
+    wrapper.ensure_connection()  # lent across its lifetime, in both release modes
     time.sleep(0.7)
     wrapper.close()  # past its lifetime: closed on return
     second = backend_pid(wrapper)
