@@ -17,6 +17,10 @@ Workloads (a request is what Django's WSGI handler does around a view:
 
 * ``io``: I/O-heavy, get by primary key, 20 ms of waiting on something
   that is not the database, get again; at T=64 threads;
+* ``io100``: the same with 100 ms of waiting, at T=64: 64 threads of one
+  process then need less than one CPU core, where ``io`` needs more than
+  one on a small machine (and so measures the interpreter's lock more
+  than waiting);
 * ``read``: database-bound, a get by primary key; at T=1 and T=4;
 * ``write``: database-bound, a get, then an update in ``atomic()``; at T=1
   and T=4.
@@ -27,6 +31,13 @@ apart on a shared machine; the report gives medians over repetitions of
 the throughput and of the per-repetition ratios, and the peak number of
 server connections each strategy had (sampled from ``pg_stat_activity``).
 Every cell starts from a fresh pool of ``--min-size`` connections.
+
+Then, for the database-bound workloads, a paired measurement at T=1: one
+thread sends rounds of 20 requests per strategy, strategies alternating
+(rotating the order), and the report gives the medians over rounds of the
+time per request, wall and CPU (``time.thread_time()``, syscalls included:
+what the client side costs, much less sensitive to other load than
+throughput is), and of the per-round ratios to request-scoped release.
 
 The server is ``DATABASE_URL`` if set, else the embedded PostgreSQL of
 ``testproject.pgserver`` (started here, stopped at exit).
@@ -55,8 +66,7 @@ if sys.path[0] == str(ROOT / "bench"):
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "testproject.settings")
 
 STRATEGIES = ("persistent", "request", "transaction")
-IO_WAIT = 0.020
-CELLS = (("io", 64), ("read", 1), ("read", 4), ("write", 1), ("write", 4))
+CELLS = (("io", 64), ("io100", 64), ("read", 1), ("read", 4), ("write", 1), ("write", 4))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,7 +84,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cells",
         default=",".join(f"{w}:{t}" for w, t in CELLS),
-        help="workload:threads pairs (default: io:64,read:1,read:4,write:1,write:4)",
+        help="workload:threads pairs (default: io:64,io100:64,read:1,read:4,write:1,write:4)",
+    )
+    parser.add_argument(
+        "--paired-rounds",
+        type=int,
+        default=60,
+        help="rounds of the paired T=1 measurement (default 60, 0: skip)",
     )
     parser.add_argument("--seed", type=int, default=11)
     return parser.parse_args(argv)
@@ -129,10 +145,13 @@ def views() -> dict[str, Callable[[str, int], None]]:
 
     from testproject.shop.models import Item
 
-    def io(alias: str, pk: int) -> None:
-        Item.objects.using(alias).get(pk=pk)
-        time.sleep(IO_WAIT)
-        Item.objects.using(alias).get(pk=pk)
+    def waiting(seconds: float) -> Callable[[str, int], None]:
+        def io(alias: str, pk: int) -> None:
+            Item.objects.using(alias).get(pk=pk)
+            time.sleep(seconds)
+            Item.objects.using(alias).get(pk=pk)
+
+        return io
 
     def read(alias: str, pk: int) -> None:
         Item.objects.using(alias).get(pk=pk)
@@ -142,7 +161,7 @@ def views() -> dict[str, Callable[[str, int], None]]:
         with transaction.atomic(using=alias):
             Item.objects.using(alias).filter(pk=pk).update(quantity=F("quantity") + 1)
 
-    return {"io": io, "read": read, "write": write}
+    return {"io": waiting(0.020), "io100": waiting(0.100), "read": read, "write": write}
 
 
 class BenchHandler:
@@ -229,11 +248,17 @@ def run_cell(
     now = time.perf_counter()
     window.extend([now + args.warmup, now + args.warmup + args.seconds])
     barrier.wait()
+    cpu = time.process_time()
     for t in workers:
         t.join(args.warmup + args.seconds + 120)
+    cpu = time.process_time() - cpu
+    elapsed = time.perf_counter() - now
     peak = sampler.stop()
     return {
         "rps": sum(counts) / args.seconds,
+        # CPU time of this process (all its threads) per second: above about
+        # 0.8, the threads queue for the interpreter's lock more than they wait.
+        "cpu": cpu / elapsed,
         "peak": peak,
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
@@ -267,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[(workload, threads)][strategy].append(result)
                 print(
                     f"rep {rep + 1}/{args.reps} {workload:5s} T={threads:<3d} {strategy:11s} "
-                    f"{result['rps']:8.1f} req/s  peak {result['peak']:3d} server connections"
+                    f"{result['rps']:8.1f} req/s  peak {result['peak']:3d} server connections  "
+                    f"client CPU {result['cpu']:.2f}  load {os.getloadavg()[0]:.1f}"
                     + (
                         f"  {result['errors']} errors: {result['first_error']}"
                         if result["errors"]
@@ -278,7 +304,78 @@ def main(argv: list[str] | None = None) -> int:
     connections.close_all()
     print(f"\n{args.reps} repetitions in {time.monotonic() - started:.0f} s; medians:\n")
     print(report(results, args))
+    if args.paired_rounds:
+        print("\nPaired, T=1, medians over rounds:\n")
+        print(paired_report({w: paired(all_views[w], args) for w in ("read", "write")}))
     return 0
+
+
+PAIRED_CHUNK = 20
+
+
+def paired(view: Callable[[str, int], None], args: argparse.Namespace) -> dict[str, Any]:
+    """Time per request at T=1, strategies alternating in one thread (see the module doc)."""
+    from django.db import connections
+
+    wall: dict[str, list[float]] = {s: [] for s in STRATEGIES}
+    cpu: dict[str, list[float]] = {s: [] for s in STRATEGIES}
+
+    def go() -> None:
+        rng = random.Random(args.seed)
+        for strategy in STRATEGIES:
+            for _ in range(100):  # warm up: connections open, code paths hot
+                request(view, strategy, rng.randint(1, args.items))
+        for r in range(args.paired_rounds):
+            k = r % len(STRATEGIES)
+            for strategy in STRATEGIES[k:] + STRATEGIES[:k]:
+                t0, c0 = time.perf_counter(), time.thread_time()
+                for _ in range(PAIRED_CHUNK):
+                    request(view, strategy, rng.randint(1, args.items))
+                cpu[strategy].append((time.thread_time() - c0) / PAIRED_CHUNK)
+                wall[strategy].append((time.perf_counter() - t0) / PAIRED_CHUNK)
+        for strategy in STRATEGIES:
+            connections[strategy].close()
+
+    thread = threading.Thread(target=go, name="bench-paired")
+    thread.start()
+    thread.join()
+
+    def ratio(series: dict[str, list[float]], num: str) -> float:
+        return statistics.median(a / b for a, b in zip(series[num], series["request"], strict=True))
+
+    return {
+        strategy: {
+            "wall_us": 1e6 * statistics.median(wall[strategy]),
+            "cpu_us": 1e6 * statistics.median(cpu[strategy]),
+            "wall_ratio": ratio(wall, strategy),
+            "cpu_ratio": ratio(cpu, strategy),
+        }
+        for strategy in STRATEGIES
+    }
+
+
+def paired_report(measured: dict[str, dict[str, Any]]) -> str:
+    header = (
+        "Workload",
+        "Strategy",
+        "wall us/request",
+        "CPU us/request",
+        "wall / request",
+        "CPU / request",
+    )
+    rows = [
+        (
+            workload,
+            strategy,
+            f"{m['wall_us']:.0f}",
+            f"{m['cpu_us']:.0f}",
+            f"{m['wall_ratio']:.3f}",
+            f"{m['cpu_ratio']:.3f}",
+        )
+        for workload, by_strategy in measured.items()
+        for strategy, m in by_strategy.items()
+    ]
+    return table(header, rows)
 
 
 def report(
@@ -288,9 +385,9 @@ def report(
     header = (
         "Workload",
         "T",
-        "persistent req/s (conns)",
-        "request req/s (conns)",
-        "transaction req/s (conns)",
+        "persistent req/s (conns, CPU)",
+        "request req/s (conns, CPU)",
+        "transaction req/s (conns, CPU)",
         "transaction / persistent",
         "transaction / request",
     )
@@ -300,7 +397,8 @@ def report(
         def cell(strategy: str, by_strategy: dict[str, list[dict[str, Any]]] = by_strategy) -> str:
             runs = by_strategy[strategy]
             rps = statistics.median(r["rps"] for r in runs)
-            return f"{rps:.0f} ({max(r['peak'] for r in runs)})"
+            cpu = statistics.median(r["cpu"] for r in runs)
+            return f"{rps:.0f} ({max(r['peak'] for r in runs)}, {cpu:.2f})"
 
         def ratio(
             num: str, den: str, by_strategy: dict[str, list[dict[str, Any]]] = by_strategy
@@ -319,16 +417,23 @@ def report(
                 ratio("transaction", "request"),
             )
         )
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    rule = "  ".join("=" * w for w in widths)
-    lines = [rule, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), rule]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    lines.append(rule)
+    lines = [table(header, rows)]
     lines.append(
         f"\n({args.reps} repetitions x {args.seconds:g} s measured after {args.warmup:g} s of "
         f"warm-up; pools min_size {args.min_size}, max_size {args.max_size}; conns: the peak "
-        "number of server connections seen in pg_stat_activity)"
+        "number of server connections seen in pg_stat_activity; CPU: CPU seconds of the "
+        "benchmark process per second)"
     )
+    return "\n".join(lines)
+
+
+def table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    """An RST simple table."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    rule = "  ".join("=" * w for w in widths)
+    lines = [rule, "  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)), rule]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines.append(rule)
     return "\n".join(lines)
 
 
