@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import select
 import threading
 import time
 import uuid
@@ -48,6 +49,18 @@ def terminate(admin: psycopg.Connection[Any], pid: int) -> None:
     )
 
 
+def saw_goodbye(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server's end of ``conn`` is closed, as its socket says (POLLRDHUP, Linux).
+
+    A terminated backend leaves pg_stat_activity a moment before its process
+    exits and closes the socket: until then no client can see it is gone.
+    Elsewhere this says whether the socket is readable.
+    """
+    poller = select.poll()
+    poller.register(conn.pgconn.socket, getattr(select, "POLLRDHUP", select.POLLIN))
+    return bool(poller.poll(0))
+
+
 @pytest.fixture(params=["pooled", pytest.param("django", marks=pytest.mark.xfail(strict=True))])
 def killable(request: pytest.FixtureRequest, transactional_db: None) -> Iterator[Any]:
     """A pool of one connection, checked only by what costs no round trip."""
@@ -75,6 +88,8 @@ def test_connection_killed_while_idle_is_never_lent(
     pid = backend_pid(killable)
     killable.close()
     terminate(admin, pid)
+    idle = list(killable.pool._pool)
+    assert wait_until(lambda: all(saw_goodbye(conn) for conn in idle))
     # The next request succeeds, on a new server connection.
     new_pid = backend_pid(killable)
     killable.close()
