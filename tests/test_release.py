@@ -189,6 +189,32 @@ def test_a_cursor_used_again_after_a_release_runs_on_a_connection_it_holds(
     assert second != first, "the cursor ran on a connection lent to another thread"
 
 
+@pytest.mark.parametrize("debug", [False, True], ids=["cursor", "debug-cursor"])
+def test_executemany_callproc_copy_and_mogrify_after_a_release(
+    aliases: Aliases, debug: bool
+) -> None:
+    alias = aliases("txn_cursor_methods", max_size=2)
+    wrapper = connections[alias]
+    wrapper.force_debug_cursor = debug
+    insert = "INSERT INTO shop_item (name, quantity, created) VALUES (%s, 0, now())"
+    with wrapper.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        assert wrapper.connection is None
+        cursor.executemany(insert, [("many 1",), ("many 2",)])
+        assert wrapper.connection is None
+        cursor.callproc("pg_backend_pid")
+        assert cursor.fetchone()[0] > 0
+        assert wrapper.connection is None
+        assert cursor.mogrify("SELECT %s", ["it's"]) == "SELECT 'it''s'"
+        with cursor.copy("COPY shop_item (name, quantity, created) FROM STDIN") as copy:
+            copy.write_row(("copied", 0, "2026-01-01T00:00:00Z"))
+    # Closing the cursor gave back the connection the copy() borrowed.
+    assert wrapper.connection is None
+    assert not pool_of(alias).holders
+    names = sorted(Item.objects.using(alias).values_list("name", flat=True))
+    assert names == ["copied", "many 1", "many 2"]
+
+
 def test_a_set_outside_a_transaction_does_not_survive_the_statement(aliases: Aliases) -> None:
     alias = aliases("txn_set", max_size=1)
     with connections[alias].cursor() as cursor:
