@@ -60,11 +60,12 @@ class ReleasingCursorMixin:
     def _bind(self) -> None:
         """Make sure the psycopg cursor is on the connection this wrapper's db holds now."""
         db = self.db
-        if self.cursor.connection is db.connection:
-            return
-        if self._server_ref is not None:
-            # A server-side cursor keeps its connection until it is closed:
-            # it is only stale after the Django connection was closed.
+        cursor = self.cursor
+        if cursor.connection is db.connection or cursor.closed or self._server_ref is not None:
+            # Already there; or closed, which psycopg reports when it is used
+            # (as with request-scoped release); or server-side, which keeps
+            # its connection until closed (stale only after the Django
+            # connection was closed, as with request-scoped release).
             return
         # The connection went back to the pool after an earlier statement:
         # borrow again, and start a new cursor there.

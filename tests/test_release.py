@@ -24,7 +24,7 @@ import psycopg
 import pytest
 from asgiref.sync import ThreadSensitiveContext, sync_to_async
 from django.core.management import call_command
-from django.db import DatabaseError, connection, connections, transaction
+from django.db import DatabaseError, InterfaceError, connection, connections, transaction
 from django.db.backends.signals import connection_created
 from django.db.models import F
 from django.test.utils import CaptureQueriesContext
@@ -211,6 +211,8 @@ def test_executemany_callproc_copy_and_mogrify_after_a_release(
     # Closing the cursor gave back the connection the copy() borrowed.
     assert wrapper.connection is None
     assert not pool_of(alias).holders
+    with pytest.raises(InterfaceError, match="the cursor is closed"):
+        cursor.execute("SELECT 1")  # closed stays closed, as with request-scoped release
     names = sorted(Item.objects.using(alias).values_list("name", flat=True))
     assert names == ["copied", "many 1", "many 2"]
 
