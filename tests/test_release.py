@@ -36,7 +36,7 @@ from testproject.shop.models import Item, Order
 
 from .conftest import admin_dsn, server_pids
 from .test_lifecycle import fork_and_report
-from .test_liveness import wait_until
+from .test_liveness import backend_pid, wait_until
 
 Aliases = Callable[..., str]
 
@@ -84,9 +84,8 @@ def pool_of(alias: str) -> DjangoConnectionPool:
 
 
 def pid(alias: str) -> int:
-    with connections[alias].cursor() as cursor:
-        cursor.execute("SELECT pg_backend_pid()")
-        return int(cursor.fetchone()[0])
+    """The backend pid of this thread's connection to ``alias``, from a query."""
+    return backend_pid(connections[alias])
 
 
 def in_thread(target: Callable[[], Any], name: str = "other") -> tuple[threading.Thread, list[Any]]:
