@@ -106,6 +106,8 @@ class ReleasingCursorMixin:
 
     # Called inside the execute wrappers, just before the statement is sent:
     # an execute wrapper may itself have run (and released after) a query.
+    # The test is inline because it runs for every statement; _bind() only
+    # when the connection went back.
     def _execute(self, sql: Any, params: Any, *args: Any) -> Any:
         if self.cursor.connection is not self.db.connection:
             self._bind()
