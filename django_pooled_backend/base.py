@@ -6,23 +6,31 @@ does lives in :mod:`django_pooled_backend.pool`.  Django (>= 5.1) gives its
 PostgreSQL backend a ``pool`` property and a ``close_pool()`` method that
 its test database creation calls; they are honoured here with the same
 meaning, for our pools.
+
+With ``release="transaction"`` the connection also goes back between
+statements (when :mod:`django_pooled_backend.release` says nothing needs
+it) and is borrowed again, cheaply, by the next one.  Whether a connection
+object does this is decided when it connects: in request-scoped mode no
+query pays for it.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import weakref
 from dataclasses import replace
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db.backends import utils
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql import base as postgresql
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
+from django.db.backends.signals import connection_created
 from django.utils.asyncio import async_unsafe
 from django.utils.functional import cached_property
-from psycopg.pq import TransactionStatus
 
 from . import (
     checks,  # noqa: F401 - registers the system checks, even without the app
@@ -36,12 +44,15 @@ if not is_psycopg3:  # pragma: no cover - depends on the environment
         "pool). Install it with: pip install 'psycopg[binary,pool]>=3.2'."
     )
 
+# psycopg 3 from here on (checked above).
 import psycopg.sql
+from psycopg.pq import TransactionStatus
 
+from .release import ReleasingCursorDebugWrapper, ReleasingCursorWrapper
 from .session import StatementJudge, TrackingCursor, TrackingServerBindingCursor
 
 try:
-    from .pool import DjangoConnectionPool
+    from .pool import DjangoConnectionPool, PooledConnection
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImproperlyConfigured(
         "django_pooled_backend requires the psycopg_pool package, which is not "
@@ -50,9 +61,30 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 _HOSTNAME = socket.gethostname()
 
+# What the server says of a session a statement is done with: idle, or
+# broken (the pool discards a broken connection when it comes back).
+_RELEASABLE = frozenset({TransactionStatus.IDLE, TransactionStatus.UNKNOWN})
+
 
 class DatabaseWrapper(postgresql.DatabaseWrapper):
     """A PostgreSQL connection whose server connection comes from a pool."""
+
+    # Transaction-scoped release.  These class values are request-scoped
+    # release; connect() sets instance values when the alias releases per
+    # transaction, so that the request-scoped query path stays Django's own.
+    _cursor_wrapper_class: type[utils.CursorWrapper] = utils.CursorWrapper
+    _debug_cursor_wrapper_class: type[utils.CursorDebugWrapper] = postgresql.CursorDebugWrapper
+    # Whether a finished statement or transaction may give the connection back.
+    _release_enabled = False
+    # Where the connection went when it went back between statements: the
+    # next statement borrows from there again without a full connect().
+    _released_from: DjangoConnectionPool | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Weak references to this connection's open server-side cursor
+        # wrappers: while there is one, the connection stays.
+        self._server_cursors: set[weakref.ref[Any]] = set()
 
     # -- configuration -------------------------------------------------------
 
@@ -72,6 +104,12 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def is_pooled(self) -> bool:
         """Whether connect() borrows from a pool (not for the maintenance alias)."""
         return self.alias != NO_DB_ALIAS and self.pool_options is not None
+
+    @cached_property
+    def releases_per_transaction(self) -> bool:
+        """Whether the connection goes back to the pool between statements and transactions."""
+        options = self.pool_options if self.is_pooled else None
+        return options is not None and options.release == "transaction"
 
     @cached_property
     def _isolation_level_option(self) -> IsolationLevel | None:
@@ -187,6 +225,101 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         registry.close_alias(self.alias)
 
     # -- connect and close -----------------------------------------------------
+
+    @async_unsafe
+    def connect(self) -> None:
+        lender = self._released_from
+        if lender is not None:
+            self._released_from = None
+            if not lender.retired:
+                self._borrow_again(lender)
+                return
+        # Nothing goes back while Django sets the connection up, nor while
+        # connection_created receivers (which may query) run.
+        self._release_enabled = False
+        releasing = self.releases_per_transaction
+        if releasing:
+            self._server_cursors.clear()
+        super().connect()
+        if releasing:
+            if self.connection is not None:
+                self.connection._dpb_announced = True
+            self._cursor_wrapper_class = ReleasingCursorWrapper
+            self._debug_cursor_wrapper_class = ReleasingCursorDebugWrapper
+            self._release_enabled = True
+
+    def _borrow_again(self, lender: DjangoConnectionPool) -> None:
+        """Borrow for the next statement, after the connection went back between statements.
+
+        Django's connection state (autocommit, isolation level, time zone,
+        role) is what the pool restores on every return, so this is a
+        borrow, not a connect(): no round trip, no connection_created,
+        except for a server connection that no receiver has seen yet (so
+        that receivers registering adapters on ``connection.connection``,
+        as ``django.contrib.postgres`` does, have done so before it runs a
+        query for this alias).
+        """
+        conn: PooledConnection = lender.borrow(self)
+        self.connection = conn
+        if not conn._dpb_announced:
+            conn._dpb_announced = True
+            self._release_enabled = False
+            try:
+                connection_created.send(sender=self.__class__, connection=self)
+            finally:
+                self._release_enabled = True
+
+    def _release_if_idle(self) -> None:
+        """Give the connection back now if no transaction or server-side cursor needs it."""
+        conn = self.connection
+        if (
+            conn is not None
+            and self._release_enabled
+            and self.autocommit
+            and not self.in_atomic_block
+            and not self._server_cursors
+            and conn.pgconn.transaction_status in _RELEASABLE
+        ):
+            self.connection = None
+            self._released_from = self._lender
+            with self.wrap_database_errors:
+                self._lender.give_back(conn)
+
+    def set_autocommit(
+        self, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False
+    ) -> None:
+        super().set_autocommit(autocommit, force_begin_transaction_with_broken_autocommit)
+        if autocommit and self._release_enabled:
+            # The end of a transaction (the outermost atomic() block, after
+            # its on_commit callbacks ran), or of manual transactions.
+            self._release_if_idle()
+
+    def get_autocommit(self) -> bool:
+        if self._released_from is not None:
+            # Gone back in autocommit mode: no need to borrow to say so.
+            return self.autocommit
+        return super().get_autocommit()
+
+    @async_unsafe
+    def close(self) -> None:
+        # A connection that went back between statements is closed too: the
+        # next query connects in full (and sends connection_created).
+        self._released_from = None
+        super().close()
+
+    def close_if_unusable_or_obsolete(self) -> None:
+        # Request boundaries (close_old_connections): with CONN_MAX_AGE = 0
+        # Django closes what is open; a connection that went back between
+        # statements counts as closed likewise, so that every request
+        # starts with a full connect(), as in request-scoped release.
+        self._released_from = None
+        super().close_if_unusable_or_obsolete()
+
+    def make_cursor(self, cursor: Any) -> utils.CursorWrapper:
+        return self._cursor_wrapper_class(cursor, self)
+
+    def make_debug_cursor(self, cursor: Any) -> utils.CursorDebugWrapper:
+        return self._debug_cursor_wrapper_class(cursor, self)
 
     def get_connection_params(self) -> dict[str, Any]:
         if not self.is_pooled:

@@ -18,7 +18,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 CheckMode = Literal["auto", "always", "never"]
 ResetMode = Literal["auto", "always", "never"]
-ReleaseMode = Literal["request"]
+ReleaseMode = Literal["request", "transaction"]
 
 # SQLAlchemy's QueuePool vocabulary, as used by the most-read pooling
 # tutorials, mapped onto psycopg_pool's.
@@ -274,10 +274,16 @@ def parse_pool_options(alias: str, raw: object, *, where: Where | None = None) -
             fix="Use the number of processes that open this pool at once, across all "
             "servers (gunicorn workers, Celery worker children, ...), for example 8.",
         )
-    if "release" in raw and raw["release"] != "request":
-        raise r.fail(
-            "release", "the only release mode is 'request'", "Use 'request' or leave it out."
-        )
+    if "release" in raw:
+        if raw["release"] not in ("request", "transaction"):
+            raise r.fail(
+                "release",
+                "it must be 'request' or 'transaction'",
+                "Leave it out ('request': the connection goes back at the end of the "
+                "request), or use 'transaction' to give it back after each statement "
+                "or transaction.",
+            )
+        values["release"] = raw["release"]
     if "configure" in raw:
         if not callable(raw["configure"]):
             raise r.fail(

@@ -63,6 +63,10 @@ class PooledConnection(psycopg.Connection[Any]):
                 pool._send_discarded(self)
         super().close()
 
+    # connection_created was sent for a Django connection holding this one
+    # (see "release" in the configuration docs).
+    _dpb_announced: bool = False
+
 
 class DjangoConnectionPool(ConnectionPool[PooledConnection]):
     """The pool of one database alias (and one set of connection settings)."""
@@ -92,6 +96,10 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         self.options = options
         self.connect_kwargs = kwargs
         self.holders: dict[int, Holder] = {}
+        # Set by the registry when it no longer hands this pool out (closed,
+        # replaced, or inherited through fork()): a Django connection that
+        # gave a connection back between statements must not borrow here again.
+        self.retired = False
         self.last_connect_error: str | None = None
         self.counters = PoolCounters()  # stats: see stats.py
         self._configure_sql = configure_sql
@@ -170,9 +178,9 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         # The borrower's last use proves the connection was alive a moment
         # ago: the next borrow within check_after skips the round trip.
         conn._dpb_last_ok = time.monotonic()
-        if self.options.reset != "never" and not conn.closed:
+        if not conn.closed:
             try:
-                self._start_reset(conn)
+                self._prepare_return(conn)
             except Exception as exc:  # noqa: BLE001 - any failure discards it
                 self.counters.resets_failed += 1  # stats
                 logger.warning(
@@ -184,7 +192,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 conn.close()
         self.putconn(conn)
 
-    def _start_reset(self, conn: PooledConnection) -> None:
+    def _prepare_return(self, conn: PooledConnection) -> None:
         status = conn.pgconn.transaction_status
         if status == TransactionStatus.ACTIVE:
             # Returned in the middle of an operation: nothing sane to do.
@@ -193,11 +201,16 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             # Rare (Django commits or rolls back its own transactions): pay a
             # round trip here rather than teach the pipelined reset about it.
             conn.rollback()
+        # Even without the session reset, every borrower gets a connection in
+        # autocommit at the pool's isolation level: a Django connection that
+        # borrows again between statements does not set them (see base.py).
         if not conn.autocommit:
             conn.autocommit = True
         if conn.isolation_level != self.isolation_level:
             conn.isolation_level = self._isolation_level
-        if self.options.reset == "always" or conn._dpb_dirty or self.judge is None:
+        if self.options.reset != "never" and (
+            self.options.reset == "always" or conn._dpb_dirty or self.judge is None
+        ):
             reset.send_reset(conn, self._reset_query_for(conn))
             conn._dpb_reset_pending = True
             conn._dpb_dirty = False
@@ -231,28 +244,32 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         # Called by getconn(); raising discards the connection and getconn()
         # tries another one.
         try:
-            if conn._dpb_reset_pending:
-                conn._dpb_reset_pending = False
-                self._finish_reset(conn)  # stats: counts failures
-            pgconn = conn.pgconn
-            if pgconn.status != ConnStatus.OK:
-                raise e.OperationalError("the connection is closed")
-            # A server that closed the connection (pg_terminate_backend,
-            # idle_session_timeout, shutdown) left a message and an EOF on
-            # the socket: that costs a poll, not a round trip, to see.
-            # Data on an idle connection is most often a goodbye (the server
-            # sends its FATAL message, then closes), which may not all have
-            # arrived yet: then a round trip tells for sure.
-            poller = conn._dpb_poller
-            if poller is None:
-                poller = conn._dpb_poller = reset.poller(pgconn.socket)
-            suspect = bool(poller.poll(0))
-            if suspect:
-                pgconn.consume_input()
+            # Under the connection's lock, as psycopg reads results: a cursor
+            # of a transaction-scoped borrower may still read this
+            # connection's parameters (see release.py).
+            with conn.lock:
+                if conn._dpb_reset_pending:
+                    conn._dpb_reset_pending = False
+                    self._finish_reset(conn)  # stats: counts failures
+                pgconn = conn.pgconn
                 if pgconn.status != ConnStatus.OK:
-                    raise e.OperationalError("the server closed the connection")
-                while pgconn.notifies() is not None:
-                    pass
+                    raise e.OperationalError("the connection is closed")
+                # A server that closed the connection (pg_terminate_backend,
+                # idle_session_timeout, shutdown) left a message and an EOF on
+                # the socket: that costs a poll, not a round trip, to see.
+                # Data on an idle connection is most often a goodbye (the
+                # server sends its FATAL message, then closes), which may not
+                # all have arrived yet: then a round trip tells for sure.
+                poller = conn._dpb_poller
+                if poller is None:
+                    poller = conn._dpb_poller = reset.poller(pgconn.socket)
+                suspect = bool(poller.poll(0))
+                if suspect:
+                    pgconn.consume_input()
+                    if pgconn.status != ConnStatus.OK:
+                        raise e.OperationalError("the server closed the connection")
+                    while pgconn.notifies() is not None:
+                        pass
             if (
                 suspect
                 or self.options.check == "always"
@@ -386,7 +403,8 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         """Used by :meth:`check` on idle connections: finish any reset first."""
         if conn._dpb_reset_pending:
             conn._dpb_reset_pending = False
-            self._finish_reset(conn)  # stats: counts failures
+            with conn.lock:
+                self._finish_reset(conn)  # stats: counts failures
         ConnectionPool.check_connection(conn)
 
     # -- statistics (see stats.py) -----------------------------------------

@@ -53,7 +53,7 @@ def get_pool(key: PoolKey, factory: Callable[[], DjangoConnectionPool]) -> Djang
         if pool is None:
             pool = factory()
             pool.open()
-            stale = [_pools.pop(k) for k in list(_pools) if k[0] == key[0]]
+            stale = [_retire(_pools.pop(k)) for k in list(_pools) if k[0] == key[0]]
             _pools[key] = pool
             _start_housekeeper()
             logger.debug("Opened pool %r for %s.", pool.name, pool.label)
@@ -76,7 +76,7 @@ def close_alias(alias: str, timeout: float = 5.0) -> None:
     """Close every pool of ``alias`` (all its connection settings)."""
     with _lock:
         keys = [key for key in _pools if key[0] == alias]
-        pools = [_pools.pop(key) for key in keys]
+        pools = [_retire(_pools.pop(key)) for key in keys]
     for pool in pools:
         pool.close(timeout=timeout)
 
@@ -84,10 +84,16 @@ def close_alias(alias: str, timeout: float = 5.0) -> None:
 def close_all(timeout: float = 5.0) -> None:
     """Close every pool of this process; lent-out connections close on return."""
     with _lock:
-        pools = list(_pools.values())
+        pools = [_retire(pool) for pool in _pools.values()]
         _pools.clear()
     for pool in pools:
         pool.close(timeout=timeout)
+
+
+def _retire(pool: DjangoConnectionPool) -> DjangoConnectionPool:
+    """Mark ``pool`` as no longer handed out (see ``DjangoConnectionPool.retired``)."""
+    pool.retired = True
+    return pool
 
 
 HOUSEKEEPING_INTERVAL = 0.5
@@ -147,7 +153,7 @@ def _after_fork_in_child() -> None:
     _lock = threading.Lock()
     # Threads do not survive fork(): the child starts its own when it needs one.
     _housekeeper = None
-    pools = list(_pools.values())
+    pools = [_retire(pool) for pool in _pools.values()]
     _pools.clear()
     for pool in pools:
         for conn in list(pool._pool):

@@ -2,6 +2,10 @@
 
 ``testproject.settings`` starts the embedded server when ``DATABASE_URL`` is
 not set (and stops it when the test process exits).
+
+The whole suite runs in either release mode: ``POOL_RELEASE=transaction``
+gives the default alias (``testproject.settings``) and every pool made here
+transaction-scoped release, unless a test names its mode.
 """
 
 from __future__ import annotations
@@ -18,6 +22,24 @@ from django.db import connection
 
 from django_pooled_backend import registry
 from django_pooled_backend.base import DatabaseWrapper
+
+RELEASE = os.environ.get("POOL_RELEASE", "request")
+TRANSACTION_MODE = RELEASE == "transaction"
+
+only_request_mode = pytest.mark.skipif(
+    TRANSACTION_MODE,
+    reason="about request-scoped release: the connection is held from the first query "
+    "until close(), which transaction-scoped release does not do",
+)
+
+
+def pooled(options: Any = True) -> Any:
+    """Pool options for this backend, in the suite's release mode unless they name one."""
+    if not TRANSACTION_MODE or options is False or options is None:
+        return options
+    if options is True:
+        return {"release": RELEASE}
+    return {"release": RELEASE, **options}
 
 
 def admin_dsn(dbname: str = "postgres") -> str:
@@ -60,7 +82,7 @@ class Wrappers:
         settings_dict["OPTIONS"] = {
             **{k: v for k, v in settings_dict["OPTIONS"].items() if k != "pool"},
             **options,
-            "pool": pool,
+            "pool": pooled(pool),
         }
         settings_dict.update(settings)
         wrapper = DatabaseWrapper(settings_dict, alias)

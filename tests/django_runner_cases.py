@@ -33,7 +33,25 @@ class WritesGoToTheTestDatabase(TestCase):
         self.assertEqual(Item.objects.filter(name=MARKER).count(), 1)
 
 
+class ReleaseTests(TestCase):
+    def test_nothing_goes_back_inside_the_test_transaction(self) -> None:
+        # TestCase wraps each test in atomic(): the connection stays, in
+        # both release modes, so the test's writes stay visible to it.
+        Item.objects.create(name=MARKER)
+        self.assertIsNotNone(connection.connection)
+        self.assertEqual(Item.objects.filter(name=MARKER).count(), 1)
+        self.assertIsNotNone(connection.connection)
+
+
 class TransactionTests(TransactionTestCase):
+    def test_statements_outside_transactions_give_the_connection_back(self) -> None:
+        Item.objects.create(name=MARKER)
+        if connection.releases_per_transaction:
+            self.assertIsNone(connection.connection)
+        else:
+            self.assertIsNotNone(connection.connection)
+        self.assertEqual(Item.objects.filter(name=MARKER).count(), 1)
+
     def test_transaction_test_case_writes_to_the_test_database(self) -> None:
         Item.objects.create(name=MARKER)
         with connection.cursor() as cursor:

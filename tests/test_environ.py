@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import environ
 import pytest
 from django.core.exceptions import ImproperlyConfigured
@@ -119,7 +121,8 @@ def test_redact_hides_the_password_of_every_url_form() -> None:
 def test_the_testproject_reads_its_database_from_a_pool_url(db: None) -> None:
     # settings.py builds a postgres+pool:// URL from DATABASE_URL and POOL_*.
     pool = connection.settings_dict["OPTIONS"]["pool"]
-    assert pool == {"min_size": 1, "max_size": 10, "timeout": 10.0}
+    release = os.environ.get("POOL_RELEASE", "request")
+    assert pool == {"min_size": 1, "max_size": 10, "timeout": 10.0, "release": release}
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
         assert cursor.fetchone() == (1,)

@@ -77,6 +77,7 @@ def test_process_exit_closes_the_pool_cleanly(admin: psycopg.Connection[Any]) ->
         from django.db import connection
         with connection.cursor() as cursor:
             cursor.execute("SELECT 1")
+        connection.ensure_connection()  # lent, in both release modes
         print(connection.connection.info.backend_pid, os.getpid())
         """
     )

@@ -23,6 +23,8 @@ from django.db.backends.postgresql.base import DatabaseWrapper as DjangoWrapper
 from django_pooled_backend import registry
 from django_pooled_backend.base import DatabaseWrapper
 
+from .conftest import pooled
+
 ROLE = "dpb_tenant"
 
 
@@ -98,12 +100,12 @@ def role(admin: psycopg.Connection[Any]) -> str:
     return ROLE
 
 
-def _settings(alias: str) -> dict[str, Any]:
+def _settings(alias: str, pool: dict[str, Any]) -> dict[str, Any]:
     settings_dict = copy.deepcopy(connection.settings_dict)
     settings_dict["OPTIONS"] = {
         k: v for k, v in settings_dict["OPTIONS"].items() if k not in ("pool",)
     }
-    settings_dict["OPTIONS"]["pool"] = {"min_size": 1, "max_size": 1, "timeout": 10}
+    settings_dict["OPTIONS"]["pool"] = pool
     return settings_dict
 
 
@@ -113,9 +115,12 @@ def backend(request: pytest.FixtureRequest, transactional_db: None) -> Iterator[
     alias = f"isolation_{request.param}"
     made: list[Any] = []
     wrapper_class = DatabaseWrapper if request.param == "pooled" else DjangoWrapper
+    pool = {"min_size": 1, "max_size": 1, "timeout": 10}
+    if request.param == "pooled":
+        pool = pooled(pool)
 
     def make() -> Any:
-        wrapper = wrapper_class(_settings(alias), alias)
+        wrapper = wrapper_class(_settings(alias, pool), alias)
         made.append(wrapper)
         return wrapper
 
@@ -219,6 +224,7 @@ def test_a_connection_whose_reset_fails_is_discarded_not_reused(
             pid, user = cursor.fetchone()
             cursor.execute("SET statement_timeout = 1000")  # a session to reset
         assert user == "dpb_doomed"
+        wrapper.ensure_connection()  # lent until close(), in both release modes
         # The reset ends with SET ROLE dpb_doomed: make it fail.
         admin.execute("DROP ROLE dpb_doomed")
         wrapper.close()

@@ -76,7 +76,11 @@ def child_queries_then_exits_like_a_process() -> dict[str, Any]:
 def test_forked_child_never_touches_the_parents_connections(
     transactional_db: None, admin: psycopg.Connection[Any]
 ) -> None:
-    parent_pid = backend_pid(connection)  # lent to this thread across the fork
+    backend_pid(connection)
+    # Lent to this thread across the fork (also with transaction-scoped
+    # release, which gave it back after the query).
+    connection.ensure_connection()
+    parent_pid = connection.connection.info.backend_pid
     pool = connection.pool
     assert pool is not None
     idle_pids = {c.info.backend_pid for c in list(pool._pool)}
@@ -165,6 +169,7 @@ def test_dead_thread_connection_is_reclaimed_reset_and_reused(
         with wrapper.cursor() as cursor:
             cursor.execute("SELECT pg_backend_pid(), set_config('app.tenant_id', 'acme', false)")
             pids.append(cursor.fetchone()[0])
+        wrapper.ensure_connection()  # lent, in both release modes
         # ...and the thread ends without wrapper.close().
 
     thread = threading.Thread(target=forgetful_worker, name="forgetful-worker")
@@ -237,7 +242,9 @@ def test_sync_to_async_worker_thread_connection_is_reclaimed(
     def query() -> int:
         with connection.cursor() as cursor:
             cursor.execute("SELECT pg_backend_pid()")
-            return int(cursor.fetchone()[0])
+            pid = int(cursor.fetchone()[0])
+        connection.ensure_connection()  # lent, in both release modes
+        return pid
 
     async def main() -> int:
         return await sync_to_async(query, thread_sensitive=False)()

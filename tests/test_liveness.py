@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import select
 import threading
 import time
 import uuid
@@ -19,7 +20,7 @@ from django_pooled_backend import registry
 from django_pooled_backend.base import DatabaseWrapper
 from testproject import pgserver
 
-from .conftest import Wrappers, server_pids
+from .conftest import Wrappers, pooled, server_pids
 
 
 def backend_pid(wrapper: Any) -> int:
@@ -48,6 +49,18 @@ def terminate(admin: psycopg.Connection[Any], pid: int) -> None:
     )
 
 
+def saw_goodbye(conn: psycopg.Connection[Any]) -> bool:
+    """Whether the server's end of ``conn`` is closed, as its socket says (POLLRDHUP, Linux).
+
+    A terminated backend leaves pg_stat_activity a moment before its process
+    exits and closes the socket: until then no client can see it is gone.
+    Elsewhere this says whether the socket is readable.
+    """
+    poller = select.poll()
+    poller.register(conn.pgconn.socket, getattr(select, "POLLRDHUP", select.POLLIN))
+    return bool(poller.poll(0))
+
+
 @pytest.fixture(params=["pooled", pytest.param("django", marks=pytest.mark.xfail(strict=True))])
 def killable(request: pytest.FixtureRequest, transactional_db: None) -> Iterator[Any]:
     """A pool of one connection, checked only by what costs no round trip."""
@@ -56,7 +69,7 @@ def killable(request: pytest.FixtureRequest, transactional_db: None) -> Iterator
     options = {k: v for k, v in settings_dict["OPTIONS"].items() if k != "pool"}
     if request.param == "pooled":
         # A long check_after: only the free socket check can save us.
-        options["pool"] = {"min_size": 1, "max_size": 1, "check_after": 3600}
+        options["pool"] = pooled({"min_size": 1, "max_size": 1, "check_after": 3600})
         wrapper: Any = DatabaseWrapper({**settings_dict, "OPTIONS": options}, alias)
     else:
         options["pool"] = {"min_size": 1, "max_size": 1}
@@ -75,6 +88,8 @@ def test_connection_killed_while_idle_is_never_lent(
     pid = backend_pid(killable)
     killable.close()
     terminate(admin, pid)
+    idle = list(killable.pool._pool)
+    assert wait_until(lambda: all(saw_goodbye(conn) for conn in idle))
     # The next request succeeds, on a new server connection.
     new_pid = backend_pid(killable)
     killable.close()
@@ -100,6 +115,7 @@ def test_connection_killed_while_lent_fails_that_request_only(
 ) -> None:
     wrapper = make_wrapper("killed_in_use", {"min_size": 1, "max_size": 1})
     pid = backend_pid(wrapper)
+    wrapper.ensure_connection()  # lent now, in both release modes
     terminate(admin, pid)
     with pytest.raises(OperationalError), wrapper.cursor() as cursor:
         cursor.execute("SELECT 1")
@@ -136,7 +152,7 @@ def test_server_restart_under_load_loses_no_acknowledged_write(
         HOST=private_server.host,
         PORT=private_server.port,
     )
-    settings_dict["OPTIONS"] = {"pool": {"min_size": 2, "max_size": 4, "timeout": 10}}
+    settings_dict["OPTIONS"] = {"pool": pooled({"min_size": 2, "max_size": 4, "timeout": 10})}
     acked: list[str] = []
     failures: list[tuple[float, BaseException]] = []
     started_ok_after: list[float] = []
@@ -216,6 +232,7 @@ def test_expired_connection_is_replaced_when_it_comes_back(
 ) -> None:
     wrapper = make_wrapper("expiring", {"min_size": 1, "max_size": 1, "max_lifetime": 0.5})
     first = backend_pid(wrapper)
+    wrapper.ensure_connection()  # lent across its lifetime, in both release modes
     time.sleep(0.7)
     wrapper.close()  # past its lifetime: closed on return
     second = backend_pid(wrapper)

@@ -15,7 +15,7 @@ from django.db import OperationalError, connection, connections
 
 from django_pooled_backend import registry
 
-from .conftest import Wrappers, server_pids
+from .conftest import Wrappers, only_request_mode, server_pids
 
 
 def request_cycle(wrapper: Any, sql: str = "SELECT pg_backend_pid()") -> Any:
@@ -37,6 +37,7 @@ def test_successive_requests_reuse_one_server_connection(
     assert server_pids(admin, make_wrapper.application_name("reuse")) == set(pids)
 
 
+@only_request_mode
 def test_request_signals_return_the_connection_to_the_pool(transactional_db: None) -> None:
     request_started.send(sender=None)
     with connection.cursor() as cursor:
@@ -53,6 +54,7 @@ def test_request_signals_return_the_connection_to_the_pool(transactional_db: Non
 def test_close_all_returns_connections(transactional_db: None) -> None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
+    connection.ensure_connection()  # held until close(), in both release modes
     pool = connection.pool
     assert pool is not None
     assert pool.state()["lent"] == 1
@@ -114,6 +116,7 @@ def test_exhausted_pool_raises_operational_error_with_alias_state_and_holder(
         wrapper = make_wrapper("tight", {"min_size": 1, "max_size": 1, "timeout": 0.3})
         with wrapper.cursor() as cursor:
             cursor.execute("SELECT 1")
+        wrapper.ensure_connection()  # held until close(), in both release modes
         holder_ready.set()
         release.wait(10)
         wrapper.close()

@@ -31,7 +31,9 @@ def database_url(name: str) -> str:
     return url.rsplit("/", 1)[0] + "/" + name
 
 
-def manage(*args: str, marker: str = "unused") -> subprocess.CompletedProcess[str]:
+def manage(
+    *args: str, marker: str = "unused", release: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {
         **os.environ,
         "DATABASE_URL": database_url(DB),
@@ -39,6 +41,8 @@ def manage(*args: str, marker: str = "unused") -> subprocess.CompletedProcess[st
         "DPB_RUNNER_MARKER": marker,
         "PYTHONWARNINGS": "error::ResourceWarning",
     }
+    if release is not None:
+        env["POOL_RELEASE"] = release
     return subprocess.run(
         [sys.executable, "manage.py", *args],
         cwd=ROOT,
@@ -85,7 +89,7 @@ def test_import_time_query_sends_nothing_to_the_real_database(
     marker = f"runner-{uuid.uuid4()}"
     result = manage("test", "tests.django_runner_cases", "--noinput", "-v", "2", marker=marker)
     assert result.returncode == 0, result.stderr
-    assert "Ran 4 tests" in result.stderr
+    assert "Ran 6 tests" in result.stderr
     assert real_rows(marker) == 0
     # Destroyed despite the pool's warm connections to it.
     assert f"test_{DB}" not in databases(admin)
@@ -99,9 +103,21 @@ def test_parallel_clones_are_created_and_destroyed_with_a_warm_pool(
         "test", "tests.django_runner_cases", "--noinput", "--parallel", "2", marker=marker
     )
     assert result.returncode == 0, result.stderr
-    assert "Cloning test database" in result.stderr or "Ran 4 tests" in result.stderr
+    assert "Cloning test database" in result.stderr or "Ran 6 tests" in result.stderr
     assert real_rows(marker) == 0
     assert not {f"test_{DB}", f"test_{DB}_1", f"test_{DB}_2"} & databases(admin)
+
+
+@pytest.mark.parametrize("release", ["request", "transaction"])
+def test_the_test_runner_runs_in_both_release_modes(runner_db: None, release: str) -> None:
+    marker = f"{release}-{uuid.uuid4()}"
+    result = manage(
+        "test", "tests.django_runner_cases", "--noinput", marker=marker, release=release
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Ran 6 tests" in result.stderr
+    assert "OK" in result.stderr
+    assert real_rows(marker) == 0
 
 
 def test_keepdb_reuses_the_test_database(runner_db: None, admin: psycopg.Connection[Any]) -> None:
