@@ -116,6 +116,10 @@ def test_the_connection_goes_back_after_each_statement_and_the_session_is_reset(
     wrapper = connections[alias]
     assert wrapper.connection is None
     assert not pool_of(alias).holders
+    with wrapper.cursor() as cursor:
+        # A statement that changes the session: its connection needs a reset.
+        cursor.execute("SELECT set_config('app.tenant_id', 'x', false)")
+    assert wrapper.connection is None
     # The server ran the pipelined reset when the connection came back.
     assert wait_until(
         lambda: (
