@@ -28,6 +28,7 @@ import pytest
 
 from django_pooled_backend import stats
 
+from .conftest import only_request_mode
 from .live import ROOT, Load, Server, in_parallel, join, serve, wait_for, warm_both_workers
 from .test_stats import SAMPLE_POOL
 
@@ -171,6 +172,7 @@ def expected_rows(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, s
     return rows
 
 
+@only_request_mode
 def test_staff_see_every_worker_pool_as_poolstats_reports_it(browser: Any, server: Server) -> None:
     workers = warm_both_workers(server)
     assert len(workers) == 2

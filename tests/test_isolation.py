@@ -23,7 +23,7 @@ from django.db.backends.postgresql.base import DatabaseWrapper as DjangoWrapper
 from django_pooled_backend import registry
 from django_pooled_backend.base import DatabaseWrapper
 
-from .conftest import pooled
+from .conftest import only_request_mode, pooled
 
 ROLE = "dpb_tenant"
 
@@ -211,6 +211,7 @@ def test_orm_borrowers_on_the_default_alias_do_not_inherit_tenant_settings(
     assert tenant_settings == {""}
 
 
+@only_request_mode
 def test_a_connection_whose_reset_fails_is_discarded_not_reused(
     make_wrapper: Any, admin: psycopg.Connection[Any]
 ) -> None:

@@ -20,7 +20,7 @@ from django_pooled_backend import signals
 from testproject import pgbouncer
 from testproject.shop.models import Item
 
-from .conftest import Wrappers
+from .conftest import Wrappers, only_request_mode
 from .test_pooling import request_cycle
 
 pytestmark = pytest.mark.slow
@@ -60,6 +60,7 @@ def show(bouncer: pgbouncer.PgBouncer, what: str) -> list[dict[str, Any]]:
         return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
 
+@only_request_mode
 def test_the_session_reset_works_through_transaction_mode(
     make_wrapper: Wrappers, bouncer: pgbouncer.PgBouncer, transactional_db: None
 ) -> None:

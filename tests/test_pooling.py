@@ -363,6 +363,7 @@ def test_conn_health_checks_makes_every_borrow_a_round_trip_check(
     assert row == ("",)
 
 
+@only_request_mode
 def test_the_connection_given_back_last_is_lent_first(make_wrapper: Wrappers) -> None:
     first = make_wrapper("lifo", {"min_size": 2, "max_size": 2})
     second = make_wrapper("lifo", {"min_size": 2, "max_size": 2})

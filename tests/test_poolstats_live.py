@@ -21,6 +21,7 @@ import pytest
 
 from django_pooled_backend import stats
 
+from .conftest import only_request_mode
 from .live import (
     ROOT,
     Server,
@@ -68,6 +69,7 @@ def test_poolstats_lists_each_worker_with_a_pool(server: Server) -> None:
         assert re.search(rf"^{pid} +gunicorn +default ", text.stdout, re.MULTILINE)
 
 
+@only_request_mode
 def test_lent_out_equals_the_requests_blocked_in_the_slow_view(server: Server) -> None:
     warm_both_workers(server)
     server.idle()
@@ -115,6 +117,7 @@ def test_served_requests_add_up_across_workers(server: Server) -> None:
     assert total["wait"]["window"] == min(total["requests_served"], 1000 * total["processes"])
 
 
+@only_request_mode
 def test_check_exits_non_zero_while_a_pool_is_exhausted(server: Server) -> None:
     warm_both_workers(server)
     server.idle()

@@ -16,7 +16,7 @@ from django.dispatch import Signal
 from django_pooled_backend import registry, signals
 from django_pooled_backend.pool import DjangoConnectionPool
 
-from .conftest import Wrappers, server_pids
+from .conftest import Wrappers, only_request_mode, server_pids
 from .test_pooling import request_cycle
 
 ALL = {
@@ -125,6 +125,7 @@ def test_a_connection_the_server_closed_is_discarded_when_lent(
     assert discarded["connection"] is idle
 
 
+@only_request_mode
 def test_a_connection_whose_reset_fails_is_discarded_with_that_reason(
     make_wrapper: Wrappers, admin: psycopg.Connection[Any], received: Received
 ) -> None:

@@ -27,7 +27,7 @@ from django.test import override_settings
 
 from django_pooled_backend import poolstats, registry, stats
 
-from .conftest import Wrappers
+from .conftest import Wrappers, only_request_mode
 from .test_pooling import request_cycle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,6 +223,7 @@ def test_rejected_borrows_are_counted(make_wrapper: Wrappers) -> None:
     assert stats.snapshot_pool(pool)["rejected"] == 1
 
 
+@only_request_mode
 def test_terminated_connections_count_as_lost_and_their_reset_as_failed(
     make_wrapper: Wrappers, admin: psycopg.Connection[Any]
 ) -> None:
