@@ -6,9 +6,10 @@ Usage::
     .venv/bin/python bench/profile_borrow.py --strategies persistent,pooled,django-pool
     .venv/bin/python bench/profile_borrow.py --requests 20000 --rounds 5 --top 30
 
-First, without a profiler, each strategy runs ``--requests`` requests in a
-fresh thread, ``--rounds`` times in rotating order: the median time per
-request and its difference to persistent connections are the overhead.
+First, without a profiler, one thread runs ``--requests`` x ``--rounds``
+requests per strategy, in blocks of ``--block`` that take turns: the
+median of the block-by-block differences to persistent connections is the
+overhead, in wall-clock time and in the thread's CPU time.
 Then one round per strategy runs under cProfile, and the functions of the
 borrow/return path are listed with their time per request (cProfile adds
 its own cost per call: compare the strategies with each other, and trust the
@@ -83,6 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--strategies", default="persistent,pooled,pooled-no-reset,django-pool")
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--block", type=int, default=100, help="requests per interleaved block")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"])
@@ -95,25 +97,43 @@ def _in_thread(fn: object) -> None:
     thread.join()
 
 
-def timed(alias: str, n: int) -> float:
-    """Seconds per request of workload (a) over ``n`` requests, in a fresh thread."""
+Timings = dict[str, list[tuple[float, float]]]
+
+
+def interleaved(aliases: list[str], blocks: int, block: int) -> Timings:
+    """Per alias, seconds per request of workload (a) in each of ``blocks`` blocks.
+
+    One thread runs ``block`` requests on each alias in turn (in rotating
+    order), ``blocks`` times: the strategies are measured a few
+    milliseconds apart, so that what the machine does meanwhile falls on
+    all of them alike.  Two figures per block: wall-clock time, and the CPU
+    time of the requesting thread (which leaves out the waits for the
+    server: what a pool adds is CPU time in this thread, but for round trips).
+    """
     from bench import workloads
 
-    out: list[float] = []
+    out: Timings = {alias: [] for alias in aliases}
 
     def go() -> None:
         from django.db import connections
 
-        for pk in range(1, 201):
-            workloads.request(workloads.view_read, alias, pk)
-        t0 = time.perf_counter()
-        for i in range(n):
-            workloads.request(workloads.view_read, alias, 1 + i % 1000)
-        out.append((time.perf_counter() - t0) / n)
-        connections[alias].close()
+        for alias in aliases:
+            for pk in range(1, 201):
+                workloads.request(workloads.view_read, alias, pk)
+        for b in range(blocks):
+            order = aliases[b % len(aliases) :] + aliases[: b % len(aliases)]
+            for alias in order:
+                t0, c0 = time.perf_counter(), time.thread_time()
+                for i in range(block):
+                    workloads.request(workloads.view_read, alias, 1 + i % 1000)
+                out[alias].append(
+                    ((time.perf_counter() - t0) / block, (time.thread_time() - c0) / block)
+                )
+        for alias in aliases:
+            connections[alias].close()
 
     _in_thread(go)
-    return out[0]
+    return out
 
 
 def profiled(alias: str, n: int) -> pstats.Stats:
@@ -170,25 +190,27 @@ def main(argv: list[str] | None = None) -> int:
     run.configure_django(db, chosen, None)
     run.prepare_table(args.items)
 
-    print(f"== Unprofiled: {args.requests} requests of workload (a) at T=1, {args.rounds} rounds")
-    per: dict[str, list[float]] = {s.name: [] for s in chosen}
-    diffs: dict[str, list[float]] = {s.name: [] for s in chosen}
-    for r in range(args.rounds):
-        order = chosen[r % len(chosen) :] + chosen[: r % len(chosen)]
-        this_round = {}
-        for s in order:
-            this_round[s.name] = timed(s.name, args.requests)
-            strategies.close_pools(s)
-        ref = this_round[strategies.REFERENCE]
-        for name, value in this_round.items():
-            per[name].append(value)
-            diffs[name].append(value - ref)
+    blocks = max(args.requests * args.rounds // args.block, 3)
+    print(
+        f"== Unprofiled: workload (a) at T=1, {blocks} interleaved blocks of "
+        f"{args.block} requests per strategy"
+    )
+    names = [s.name for s in chosen]
+    per = interleaved(names, blocks, args.block)
     for s in chosen:
-        print(
-            f"{s.name:<20} {1e6 * statistics.median(per[s.name]):8.1f} µs/request   "
-            f"{1e6 * statistics.median(diffs[s.name]):+8.1f} µs vs persistent "
-            f"(per round: {', '.join(f'{1e6 * d:+.0f}' for d in diffs[s.name])})"
-        )
+        strategies.close_pools(s)
+    ref = per[strategies.REFERENCE]
+    for clock, index in (("wall-clock", 0), ("CPU time of the requesting thread", 1)):
+        print(f"-- {clock}: median per request, and median of the differences block by block")
+        for name in names:
+            values = [v[index] for v in per[name]]
+            deltas = sorted(v[index] - r[index] for v, r in zip(per[name], ref, strict=True))
+            q1, q3 = deltas[len(deltas) // 4], deltas[(3 * len(deltas)) // 4]
+            print(
+                f"{name:<20} {1e6 * statistics.median(values):8.1f} µs/request   "
+                f"{1e6 * statistics.median(deltas):+8.1f} µs vs persistent "
+                f"(quartiles {1e6 * q1:+.0f} .. {1e6 * q3:+.0f})"
+            )
 
     for s in chosen:
         stats = profiled(s.name, args.requests)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 import weakref
 from dataclasses import replace
 from typing import Any
@@ -79,6 +80,12 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     # Where the connection went when it went back between statements: the
     # next statement borrows from there again without a full connect().
     _released_from: DjangoConnectionPool | None = None
+    # Request-scoped release: the pool (and the settings, as its key) of the
+    # last full connect(), from which the next connect() borrows directly.
+    _reconnect_from: DjangoConnectionPool | None = None
+    _reconnect_key: registry.PoolKey | None = None
+    # The connection this object returned last, parked for it by the pool.
+    _parked: PooledConnection | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -142,9 +149,24 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     # -- the pool ------------------------------------------------------------
 
+    # OPTIONS as _pool_key() last saw them (a copy two levels deep), and
+    # their part of the key: most often unchanged since the last connect.
+    _options_seen: tuple[dict[str, Any], str] | None = None
+
     def _pool_key(self) -> registry.PoolKey:
         sd = self.settings_dict
         options = sd["OPTIONS"]
+        seen = self._options_seen
+        if seen is not None and seen[0] == options:
+            options_key = seen[1]
+        else:
+            options_key = (
+                repr(sorted((k, v) for k, v in options.items() if k != "pool"))
+                if len(options) > 1
+                else ""
+            )
+            copied = {k: dict(v) if isinstance(v, dict) else v for k, v in options.items()}
+            self._options_seen = (copied, options_key)
         return (
             self.alias,
             (
@@ -153,9 +175,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 sd["PASSWORD"],
                 sd["HOST"],
                 sd["PORT"],
-                repr(sorted((k, v) for k, v in options.items() if k != "pool"))
-                if len(options) > 1
-                else "",
+                options_key,
                 settings.USE_TZ,
                 self.timezone_name,
             ),
@@ -234,19 +254,75 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             if not lender.retired:
                 self._borrow_again(lender)
                 return
+        releasing = self.releases_per_transaction
+        if not releasing and self._reconnect_from is not None and self._reconnect():
+            return
         # Nothing goes back while Django sets the connection up, nor while
         # connection_created receivers (which may query) run.
         self._release_enabled = False
-        releasing = self.releases_per_transaction
         if releasing:
             self._server_cursors.clear()
         super().connect()
+        if not releasing and self.is_pooled and self.settings_dict["AUTOCOMMIT"]:
+            # Set up once: the next connect() of this object may be a _reconnect().
+            self._reconnect_from = self._lender
+            self._reconnect_key = self._pool_key()
         if releasing:
             if self.connection is not None:
                 self.connection._dpb_announced = True
             self._cursor_wrapper_class = ReleasingCursorWrapper
             self._debug_cursor_wrapper_class = ReleasingCursorDebugWrapper
             self._release_enabled = True
+
+    def _reconnect(self) -> bool:
+        """connect() for a Django connection that connected in full before.
+
+        What Django's ``connect()`` does on every call, less what a pooled
+        connection that did it once needs no more: checking the settings
+        (checked at the first connect, and what the pool key is made of is
+        compared here), building the connection parameters, setting
+        autocommit (the pool lends every connection in autocommit, and this
+        path is only taken when ``AUTOCOMMIT`` is on), and the database
+        version check (once per alias).  ``connection_created`` is sent, as
+        Django sends it on every connect.  Returns False, having changed
+        nothing, when the settings or the pool are not those of last time:
+        then the full connect() runs.
+        """
+        pool = self._reconnect_from
+        assert pool is not None
+        if (
+            pool.retired
+            or self.run_commit_hooks_on_set_autocommit_on  # set_autocommit() runs them
+            or self._pool_key() != self._reconnect_key
+        ):
+            self._reconnect_from = None
+            self._parked = None  # the pool's: it closes, or lends it to others
+            return False
+        sd = self.settings_dict
+        # What BaseDatabaseWrapper.connect() resets, in the same order.
+        self.in_atomic_block = False
+        self.savepoint_ids = []
+        self.atomic_blocks = []
+        self.needs_rollback = False
+        self.health_check_enabled = sd["CONN_HEALTH_CHECKS"]
+        max_age = sd["CONN_MAX_AGE"]  # 0, as check_settings() requires
+        self.close_at = None if max_age is None else time.monotonic() + max_age
+        self.closed_in_transaction = False
+        self.errors_occurred = False
+        self.health_check_done = True
+        level = self._isolation_level_option
+        self.isolation_level = level if level is not None else IsolationLevel.READ_COMMITTED
+        parked = self._parked
+        if parked is not None:
+            self._parked = None
+            self.connection = pool.unpark(parked, self)
+        else:
+            self.connection = pool.borrow(self)
+        self.autocommit = True
+        if connection_created.receivers:
+            connection_created.send(sender=self.__class__, connection=self)
+        self.run_on_commit = []
+        return True
 
     def _borrow_again(self, lender: DjangoConnectionPool) -> None:
         """Borrow for the next statement, after the connection went back between statements.
@@ -300,8 +376,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return self.autocommit
         return super().get_autocommit()
 
-    @async_unsafe
-    def close(self) -> None:
+    def close(self) -> None:  # Django's close() is @async_unsafe
         # A connection that went back between statements is closed too: the
         # next query connects in full (and sends connection_created).
         self._released_from = None
@@ -328,8 +403,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self._lender = self._current_pool()
         return dict(self._lender.connect_kwargs)
 
-    @async_unsafe
-    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:  # called by connect()
         if not self.is_pooled:
             return super().get_new_connection(conn_params)
         level = self._isolation_level_option
@@ -368,7 +442,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # Whatever happens next, this wrapper no longer owns the connection.
         self.connection = None
         with self.wrap_database_errors:
-            self._lender.give_back(conn)
+            if self._reconnect_from is self._lender:
+                # The next connect() will be a _reconnect(): the pool keeps the
+                # connection for it, unless someone else needs it first.
+                if self._lender.park(conn):
+                    self._parked = conn
+            else:
+                self._lender.give_back(conn)
 
     def create_cursor(self, name: str | None = None) -> Any:
         if name and self.is_pooled and self.connection is not None:

@@ -32,6 +32,15 @@ from .tracking import Holder, current_holder
 
 logger = logging.getLogger("django_pooled_backend")
 
+PARK_SECONDS = 1.0
+"""How long a connection stays parked for its last borrower (see ``park()``) at most.
+
+After that the housekeeping thread puts it back in psycopg_pool's queue,
+where ``max_idle`` and ``check()`` see it.  Long enough to cover the gap
+between two requests of a busy worker thread; parked connections are lent to
+anyone who needs one meanwhile, so the figure costs no capacity.
+"""
+
 
 class PooledConnection(psycopg.Connection[Any]):
     """A psycopg connection with the pool's bookkeeping attached."""
@@ -66,6 +75,8 @@ class PooledConnection(psycopg.Connection[Any]):
     # connection_created was sent for a Django connection holding this one
     # (see "release" in the configuration docs).
     _dpb_announced: bool = False
+    # Time (monotonic) it was parked (see DjangoConnectionPool.park()).
+    _dpb_parked_at: float = 0.0
 
 
 class DjangoConnectionPool(ConnectionPool[PooledConnection]):
@@ -96,6 +107,11 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         self.options = options
         self.connect_kwargs = kwargs
         self.holders: dict[int, Holder] = {}
+        # Connections back from their borrower but kept for it (see park()):
+        # id -> connection.  Taken with atomic dict operations, so that the
+        # borrower taking its connection back and another thread taking it
+        # over (under the pool's lock) never both get it.
+        self.parked: dict[int, PooledConnection] = {}
         # Set by the registry when it no longer hands this pool out (closed,
         # replaced, or inherited through fork()): a Django connection that
         # gave a connection back between statements must not borrow here again.
@@ -118,7 +134,8 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             reconnect_timeout=options.reconnect_timeout,
             num_workers=options.num_workers,
             configure=self._configure_new,
-            check=None if options.check == "never" else self._check_borrowed,
+            # Also with check="never": it finishes the pipelined reset.
+            check=self._check_borrowed,
             open=False,
         )
 
@@ -164,6 +181,79 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
 
     def give_back(self, conn: PooledConnection) -> None:
         """Take ``conn`` back from its borrower and start its reset."""
+        self._take_back(conn)
+        self.putconn(conn)
+
+    def park(self, conn: PooledConnection) -> bool:
+        """Take ``conn`` back, but keep it for its borrower's next :meth:`unpark`.
+
+        Request-scoped release: the thread that returns a connection at the
+        end of a request most often borrows again for its next request.  A
+        parked connection is back (reset started, no holder, counted idle),
+        but not in psycopg_pool's queue: its borrower takes it again with
+        :meth:`unpark`, which costs a dict operation instead of a pass
+        through psycopg_pool.  Any other borrower that finds no idle
+        connection in the queue takes a parked one over (see
+        :meth:`_get_ready_connection`), before waiting or opening a new
+        one; and the housekeeping thread puts back in the queue a connection
+        parked for more than ``PARK_SECONDS`` (see :meth:`housekeep`).
+
+        Returns False when the connection went back to the queue instead:
+        other requests are waiting (they get it now), or it is broken,
+        expired or the pool closed.
+        """
+        self._take_back(conn)
+        now = conn._dpb_last_ok
+        status = conn.pgconn.transaction_status
+        parked = False
+        if (status == TransactionStatus.IDLE or conn._dpb_reset_pending) and (
+            getattr(conn, "_expire_at", now + 1) > now
+        ):
+            with self._lock:
+                if not self._waiting and not self._closed:
+                    conn._dpb_parked_at = now
+                    self.parked[id(conn)] = conn
+                    parked = True
+        if not parked:
+            self.putconn(conn)
+        return parked
+
+    def unpark(self, conn: PooledConnection, owner: object | None = None) -> PooledConnection:
+        """Lend ``conn`` again to the borrower that parked it, or any connection if it is gone."""
+        if self.parked.pop(id(conn), None) is not conn:
+            # Taken over by another borrower, or put back in the queue.
+            return self.borrow(owner)
+        try:
+            self._check_borrowed(conn)  # closes a connection that fails
+        except Exception:  # noqa: BLE001 - whatever failed, the connection is gone
+            # As psycopg_pool does for a connection that failed its check:
+            # it replaces it, and this borrower gets another one.
+            self._putconn(conn, from_getconn=True)
+            return self.borrow(owner)
+        self._stats[self._REQUESTS_NUM] += 1  # psycopg_pool's statistics, as getconn() counts
+        self.holders[id(conn)] = current_holder(
+            conn,
+            owner,
+            self._owner_gone,
+            full_stack=self.options.leak_threshold is not None,
+            locate=False,
+        )
+        self.counters.waits.append(0.0)  # stats: it did not wait
+        if signals.connection_borrowed.receivers:  # signals
+            signals.connection_borrowed.send(self, alias=self.alias, connection=conn, waited=0.0)
+        return conn
+
+    def return_parked(self, older_than: float) -> int:
+        """Put back in the queue the connections parked before ``older_than`` (monotonic)."""
+        moved = 0
+        for key, conn in list(self.parked.items()):
+            if conn._dpb_parked_at < older_than and self.parked.pop(key, None) is conn:
+                self.putconn(conn)
+                moved += 1
+        return moved
+
+    def _take_back(self, conn: PooledConnection) -> None:
+        """What a connection coming back goes through: holder, signal, reset started."""
         if signals.connection_returned.receivers:  # signals
             self._send_returned(conn)
         holder = self.holders.pop(id(conn), None)
@@ -190,7 +280,6 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 )
                 conn._dpb_discard_reason = f"reset failed: {exc}"  # signals
                 conn.close()
-        self.putconn(conn)
 
     def _prepare_return(self, conn: PooledConnection) -> None:
         status = conn.pgconn.transaction_status
@@ -227,6 +316,12 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         # measured it at tens of µs per request).  The connections left at
         # the bottom go idle for real, so max_idle closes the surplus.
         # Called by getconn() with the pool's lock held.
+        if not self._pool and self.parked:
+            # Nothing idle in the queue: take over the connection parked last
+            # (see park()) rather than wait or open a new one.
+            if timeout is not None and timeout <= 0.0:
+                raise PoolTimeout()
+            return self.parked.popitem()[1]
         conn = super()._get_ready_connection(timeout)
         if conn is not None and self._pool:
             self._pool.appendleft(conn)
@@ -254,6 +349,8 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 pgconn = conn.pgconn
                 if pgconn.status != ConnStatus.OK:
                     raise e.OperationalError("the connection is closed")
+                if self.options.check == "never":
+                    return
                 # A server that closed the connection (pg_terminate_backend,
                 # idle_session_timeout, shutdown) left a message and an EOF on
                 # the socket: that costs a poll, not a round trip, to see.
@@ -350,6 +447,18 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         """Periodic work, run by the registry's housekeeping thread."""
         self.reclaim_orphans()
         self.report_leaks(now)
+        self.return_parked(now - PARK_SECONDS)
+
+    def close(self, timeout: float = 5.0) -> None:
+        super().close(timeout)
+        # Parked connections are idle: they close with the pool (a borrower
+        # that parked one finds it gone, as the pool is).
+        while self.parked:
+            try:
+                _, conn = self.parked.popitem()
+            except KeyError:  # taken back meanwhile
+                break
+            self._close_connection(conn)
 
     # -- connections coming and going ------------------------------------
 
@@ -422,18 +531,24 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
 
     # -- explaining itself -------------------------------------------------
 
+    def idle_connections(self) -> list[PooledConnection]:
+        """The connections not lent out: psycopg_pool's queue, then the parked ones."""
+        with self._lock:
+            return [*self._pool, *self.parked.values()]
+
     def state(self) -> dict[str, int]:
         """Size, lent out, idle and waiting, from the pool's own counters."""
         with self._lock:
             size = self._nconns
-            idle = len(self._pool)
+            idle = len(self._pool) + len(self.parked)
             waiting = len(self._waiting)
         return {
             "min": self.min_size,
             "max": self.max_size,
             "size": size,
             "idle": idle,
-            "lent": max(size - idle, 0),
+            # Not size - idle: size also counts connections being opened.
+            "lent": len(self.holders),
             "waiting": waiting,
         }
 

@@ -156,8 +156,9 @@ def _after_fork_in_child() -> None:
     pools = [_retire(pool) for pool in _pools.values()]
     _pools.clear()
     for pool in pools:
-        for conn in list(pool._pool):
+        for conn in [*pool._pool, *pool.parked.values()]:
             _detach(conn)
+        pool.parked.clear()
         # Lent-out connections: the Django connection objects holding them
         # (the forking thread's, as with gunicorn --preload or Celery
         # prefork, and other threads' that do not exist in the child) must

@@ -13,7 +13,9 @@ thread-local that was cleared).
 from __future__ import annotations
 
 import os
+import site
 import sys
+import sysconfig
 import threading
 import time
 import weakref
@@ -25,12 +27,21 @@ from typing import Any
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _DJANGO_DIR = os.path.dirname(os.path.abspath(sys.modules["django"].__file__ or ""))
 _SKIP_DIRS = (_PACKAGE_DIR, _DJANGO_DIR, os.path.dirname(threading.__file__))
+# Where a thread is now: not in time.sleep() or socket.recv() either, but
+# the code that called them (third-party packages, in site-packages, count).
+_STDLIB_DIR = sysconfig.get_paths()["stdlib"]
+_SITE_DIRS = tuple(
+    {sysconfig.get_paths()[key] for key in ("purelib", "platlib")} | set(site.getsitepackages())
+)
 
 Place = tuple[CodeType, int]
 
 # Whether a code object belongs to Django or this package (frames the
-# "where" of a borrow skips); code objects live as long as their functions.
-_skip: dict[CodeType, bool] = {}
+# "where" of a borrow skips), by id(): a code object computes its hash
+# from its name, constants and names every time it is asked, which cost
+# more than the rest of a borrow.  The code object is kept with its
+# verdict, so that an id reused by another code object is not mistaken.
+_skip: dict[int, tuple[CodeType, bool]] = {}
 
 
 @dataclass(eq=False)
@@ -46,6 +57,10 @@ class Holder:
     where: Place | None
     stack: tuple[Place, ...] = ()
     warned: bool = field(default=False)
+    # False for a borrow that did not look where it came from (a thread
+    # taking back the connection it parked, see pool.py): then where_text()
+    # tells where the thread is now.
+    located: bool = True
 
     def held_for(self, now: float | None = None) -> float:
         return (time.monotonic() if now is None else now) - self.since
@@ -61,12 +76,15 @@ class Holder:
     def describe(self, now: float | None = None) -> str:
         alive = "" if self.thread.is_alive() else ", thread ended"
         held = self.held_for(now)
-        return f"{self.thread.name} (held {held:.1f}s{alive}, borrowed at {self.where_text()})"
+        at = "borrowed at" if self.located else "now at"
+        return f"{self.thread.name} (held {held:.1f}s{alive}, {at} {self.where_text()})"
 
     def where_text(self) -> str:
-        if self.where is None:
+        """``file:line in function``: where the borrow was made, or the thread is now."""
+        where = self.where if self.located else _place_now(self.thread)
+        if where is None:
             return "unknown"
-        code, line = self.where
+        code, line = where
         return f"{_short(code.co_filename)}:{line} in {code.co_name}"
 
     def stack_text(self) -> str:
@@ -82,8 +100,16 @@ def current_holder(
     owner: object | None,
     on_owner_gone: Callable[[weakref.ref[Any]], None] | None = None,
     full_stack: bool = False,
+    locate: bool = True,
 ) -> Holder:
-    """A :class:`Holder` of ``conn`` for the calling thread, borrowing now."""
+    """A :class:`Holder` of ``conn`` for the calling thread, borrowing now.
+
+    ``locate=False`` skips the walk up the stack (some microseconds, the
+    dearest part of a borrow), unless ``full_stack`` asks for it.
+    """
+    if not locate and not full_stack:
+        ref = None if owner is None else weakref.ref(owner, on_owner_gone)
+        return Holder(conn, threading.current_thread(), time.monotonic(), ref, None, located=False)
     frame = sys._getframe(1)
     where: Place | None = None
     stack: list[Place] = []
@@ -92,9 +118,12 @@ def current_holder(
         code = frame.f_code
         if full_stack:
             stack.append((code, frame.f_lineno))
-        inside = skip.get(code)
-        if inside is None:
-            inside = skip[code] = code.co_filename.startswith(_SKIP_DIRS)
+        known = skip.get(id(code))
+        if known is not None and known[0] is code:
+            inside = known[1]
+        else:
+            inside = code.co_filename.startswith(_SKIP_DIRS)
+            skip[id(code)] = (code, inside)
         if where is None and not inside:
             where = (code, frame.f_lineno)
             if not full_stack:
@@ -103,6 +132,20 @@ def current_holder(
     del frame
     ref = None if owner is None else weakref.ref(owner, on_owner_gone)
     return Holder(conn, threading.current_thread(), time.monotonic(), ref, where, tuple(stack))
+
+
+def _place_now(thread: threading.Thread) -> Place | None:
+    """The innermost frame of ``thread`` outside Django, this package and the standard library."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    while frame is not None:
+        code = frame.f_code
+        name = code.co_filename
+        if not name.startswith(_SKIP_DIRS) and (
+            not name.startswith(_STDLIB_DIR) or name.startswith(_SITE_DIRS)
+        ):
+            return (code, frame.f_lineno)
+        frame = frame.f_back
+    return None
 
 
 def _short(filename: str) -> str:

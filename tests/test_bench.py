@@ -16,6 +16,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from bench.strategies import POOL_MAX
+
 from .conftest import admin_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,7 +74,13 @@ def test_quick_run_writes_every_cell_without_errors(tmp_path: Path) -> None:
         assert s["errors"] == 0, s
         assert s["rps_median"] > 0, s
         assert s["threads_progressed_min"] == s["threads"], s
-        assert s["peak_server_connections"] <= max(s["threads"], 1) + 1, s
+        if s["strategy"] == "persistent":
+            assert s["peak_server_connections"] <= s["threads"] + 1, s
+        else:
+            # A pool that opens while its first borrowers wait may grow past
+            # the thread count (psycopg_pool grows while clients wait), never
+            # past max_size.
+            assert s["peak_server_connections"] <= POOL_MAX, s
     assert {m["strategy"] for m in data["microbenchmark"]} == {"persistent", "pooled"}
     assert {p["strategy"] for p in data["t1_alternating"]} == {"persistent", "pooled"}
     for key in ("cpu", "python", "django", "psycopg", "postgresql"):

@@ -83,7 +83,7 @@ def test_forked_child_never_touches_the_parents_connections(
     parent_pid = connection.connection.info.backend_pid
     pool = connection.pool
     assert pool is not None
-    idle_pids = {c.info.backend_pid for c in list(pool._pool)}
+    idle_pids = {c.info.backend_pid for c in pool.idle_connections()}
     report = fork_and_report(child_queries_then_exits_like_a_process)
     assert report["exit_status"] == 0, report
     assert report["backend_pid"] != parent_pid

@@ -88,7 +88,7 @@ def test_connection_killed_while_idle_is_never_lent(
     pid = backend_pid(killable)
     killable.close()
     terminate(admin, pid)
-    idle = list(killable.pool._pool)
+    idle = killable.pool.idle_connections()
     assert wait_until(lambda: all(saw_goodbye(conn) for conn in idle))
     # The next request succeeds, on a new server connection.
     new_pid = backend_pid(killable)
@@ -219,7 +219,7 @@ def test_max_lifetime_retires_connections_with_jitter(
     (pool,) = registry.pools_for_alias("lifetime")
     pool.wait(10)
     now = time.monotonic()
-    expiries = [c._expire_at - now for c in list(pool._pool)]
+    expiries = [c._expire_at - now for c in pool.idle_connections()]
     assert len(expiries) == 4
     # Opened together (within a second), they do not all expire together:
     # each loses a random part of up to 5% (30 s) of its lifetime.

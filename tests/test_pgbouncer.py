@@ -88,7 +88,7 @@ def test_the_session_reset_works_through_transaction_mode(
         )
         assert row == "UTC dpb-test bounced"
         request_cycle(wrapper)
-        assert list(wrapper.pool._pool) == [first]  # type: ignore[union-attr]
+        assert wrapper.pool.idle_connections() == [first]  # type: ignore[union-attr]
     finally:
         signals.connection_reset.disconnect(record)
         signals.connection_discarded.disconnect(record)

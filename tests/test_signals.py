@@ -115,7 +115,7 @@ def test_a_connection_the_server_closed_is_discarded_when_lent(
     # socket closes, so a check that only looks for EOF could miss it.
     wrapper = make_wrapper("signals", {"min_size": 1, "max_size": 1, "check": "always"})
     pid = request_cycle(wrapper)
-    (idle,) = wrapper.pool._pool  # type: ignore[union-attr]
+    (idle,) = wrapper.pool.idle_connections()  # type: ignore[union-attr]
     admin.execute("SELECT pg_terminate_backend(%s)", [pid])
     wait_gone(admin, pid)
     assert request_cycle(wrapper) != pid
