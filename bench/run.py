@@ -31,8 +31,8 @@ if sys.path and Path(sys.path[0]).resolve() == ROOT / "bench":
 elif str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench import pgbouncer as bouncer  # noqa: E402
 from bench import report, strategies  # noqa: E402
+from testproject import pgbouncer as bouncer  # noqa: E402
 
 QUICK = {
     "reps": 1,
@@ -235,18 +235,23 @@ def main(argv: list[str] | None = None) -> int:
 
     pgb = None
     if any(s.via_pgbouncer for s in chosen):
-        binary = bouncer.find()
+        binary = bouncer.find(install=True)
         if binary is None:
             print(f"skipping the PgBouncer strategies: pgbouncer not found. {bouncer.INSTALL_HINT}")
             chosen = [s for s in chosen if not s.via_pgbouncer]
         else:
             pgb = bouncer.start(
-                binary,
-                db["HOST"],
-                int(db["PORT"]),
-                db["USER"],
-                db["PASSWORD"],
-                pool_size=strategies.POOL_MAX,
+                database_url(),
+                executable=binary,
+                default_pool_size=strategies.POOL_MAX,
+                settings={
+                    # At most POOL_MAX server connections, as the pools have.
+                    "max_db_connections": str(strategies.POOL_MAX),
+                    "min_pool_size": "0",
+                    "reserve_pool_size": "0",
+                    "max_client_conn": "900",
+                    "ignore_startup_parameters": "extra_float_digits",
+                },
             )
     try:
         return _run(args, db, chosen, pgb, sample_dsn)
@@ -266,7 +271,7 @@ def _run(
     prepare_table(args.items)
     from bench import workloads
 
-    info = report.machine(server_version(db), pgb.version if pgb else None)
+    info = report.machine(server_version(db), ".".join(map(str, pgb.version)) if pgb else None)
     run_info = {
         "command": " ".join(["bench/run.py", *sys.argv[1:]]),
         "repetitions": args.reps,

@@ -335,7 +335,14 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         as ``django.contrib.postgres`` does, have done so before it runs a
         query for this alias).
         """
-        conn: PooledConnection = lender.borrow(self)
+        parked = self._parked
+        if parked is not None:
+            self._parked = None
+            # Per statement, not per request: where it was borrowed is worth
+            # recording (a thread may end holding it).
+            conn: PooledConnection = lender.unpark(parked, self, locate=True)
+        else:
+            conn = lender.borrow(self)
         self.connection = conn
         if not conn._dpb_announced:
             conn._dpb_announced = True
@@ -359,7 +366,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             self.connection = None
             self._released_from = self._lender
             with self.wrap_database_errors:
-                self._lender.give_back(conn)
+                # Parked for this object's next statement, unless another
+                # borrower needs it first (see DjangoConnectionPool.park()).
+                if self._lender.park(conn):
+                    self._parked = conn
 
     def set_autocommit(
         self, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False
@@ -408,6 +418,12 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return super().get_new_connection(conn_params)
         level = self._isolation_level_option
         self.isolation_level = level if level is not None else IsolationLevel.READ_COMMITTED
+        parked = self._parked
+        if parked is not None:
+            # Parked for this object by a pool (this one, or one since
+            # replaced: then unpark() does not find it and borrows).
+            self._parked = None
+            return self._lender.unpark(parked, self)
         return self._lender.borrow(self)
 
     def _set_autocommit(self, autocommit: bool) -> None:

@@ -218,8 +218,15 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             self.putconn(conn)
         return parked
 
-    def unpark(self, conn: PooledConnection, owner: object | None = None) -> PooledConnection:
-        """Lend ``conn`` again to the borrower that parked it, or any connection if it is gone."""
+    def unpark(
+        self, conn: PooledConnection, owner: object | None = None, *, locate: bool = False
+    ) -> PooledConnection:
+        """Lend ``conn`` again to the borrower that parked it, or any connection if it is gone.
+
+        Unless ``locate``, the holder does not record where the borrow was
+        made (the walk up the stack is the dearest part of a borrow): then
+        it tells where its thread is now (see :class:`tracking.Holder`).
+        """
         if self.parked.pop(id(conn), None) is not conn:
             # Taken over by another borrower, or put back in the queue.
             return self.borrow(owner)
@@ -236,7 +243,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             owner,
             self._owner_gone,
             full_stack=self.options.leak_threshold is not None,
-            locate=False,
+            locate=locate,
         )
         self.counters.waits.append(0.0)  # stats: it did not wait
         if signals.connection_borrowed.receivers:  # signals
@@ -406,6 +413,12 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 if taken is not None:
                     self.holders[key] = taken
                 continue
+            where = (
+                holder.where_text()
+                if holder.located
+                else "a place not recorded (a connection taken back at the start of a "
+                "request; set leak_threshold to record every borrow)"
+            )
             logger.warning(
                 "Reclaimed a connection of pool %r: %s without closing it, %.1fs after "
                 "borrowing it at %s. Close connections in threads that do not run "
@@ -413,7 +426,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 self.name,
                 why,
                 holder.held_for(),
-                holder.where_text(),
+                where,
             )
             self.counters.reclaims += 1  # stats
             self.give_back(holder.conn)
