@@ -13,12 +13,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import psycopg
 import pytest
-from django.db import connection
+from django.db import OperationalError, connection
 
 from django_pooled_backend import registry
 from django_pooled_backend.base import DatabaseWrapper
@@ -109,3 +110,27 @@ def make_wrapper(transactional_db: None) -> Iterator[Wrappers]:
         yield wrappers
     finally:
         wrappers.close()
+
+
+def timeout_while_held(
+    hold: Callable[[threading.Event, threading.Event], None],
+    borrower: DatabaseWrapper,
+    thread_name: str,
+) -> OperationalError:
+    """The error of a borrow by ``borrower`` while ``hold`` holds the pool's connections.
+
+    ``hold(holding, release)`` runs in a thread named ``thread_name``: it sets
+    ``holding`` once it holds what it holds, then waits for ``release``.
+    """
+    holding = threading.Event()
+    release = threading.Event()
+    thread = threading.Thread(target=hold, args=(holding, release), name=thread_name)
+    thread.start()
+    try:
+        assert holding.wait(10)
+        with pytest.raises(OperationalError) as excinfo:
+            borrower.ensure_connection()
+    finally:
+        release.set()
+        thread.join(10)
+    return excinfo.value

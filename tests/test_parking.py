@@ -17,12 +17,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from django.db import OperationalError
 
 from django_pooled_backend import pool as pool_module
 from django_pooled_backend import registry
 
-from .conftest import Wrappers, only_request_mode, server_pids
+from .conftest import Wrappers, only_request_mode, server_pids, timeout_while_held
 from .test_pooling import request_cycle
 
 pytestmark = only_request_mode
@@ -157,10 +156,8 @@ def test_a_timeout_tells_where_the_holder_of_a_taken_back_connection_is_now(
     make_wrapper: Wrappers,
 ) -> None:
     options = {"min_size": 1, "max_size": 1, "timeout": 0.3}
-    holding = threading.Event()
-    release = threading.Event()
 
-    def hold_in_second_request() -> None:
+    def hold_in_second_request(holding: threading.Event, release: threading.Event) -> None:
         wrapper = make_wrapper("located", options)
         request_cycle(wrapper)  # the connection is parked for this object...
         with wrapper.cursor() as cursor:  # ...and taken back here, without a stack walk
@@ -169,17 +166,10 @@ def test_a_timeout_tells_where_the_holder_of_a_taken_back_connection_is_now(
         release.wait(10)
         wrapper.close()
 
-    thread = threading.Thread(target=hold_in_second_request, name="second-request")
-    thread.start()
-    try:
-        assert holding.wait(10)
-        other = make_wrapper("located", options)
-        with pytest.raises(OperationalError) as excinfo:
-            other.ensure_connection()
-    finally:
-        release.set()
-        thread.join(10)
-    message = str(excinfo.value)
+    error = timeout_while_held(
+        hold_in_second_request, make_wrapper("located", options), "second-request"
+    )
+    message = str(error)
     assert "Held by: second-request (held " in message
     # Where the holding thread is at the time of the timeout: waiting here.
     assert "now at tests/test_parking.py:" in message

@@ -15,7 +15,7 @@ from django.db import OperationalError, connection, connections
 
 from django_pooled_backend import registry
 
-from .conftest import Wrappers, only_request_mode, server_pids
+from .conftest import Wrappers, only_request_mode, server_pids, timeout_while_held
 
 
 def request_cycle(wrapper: Any, sql: str = "SELECT pg_backend_pid()") -> Any:
@@ -109,36 +109,26 @@ def test_server_connections_never_exceed_max_size_with_4x_threads(
 def test_exhausted_pool_raises_operational_error_with_alias_state_and_holder(
     make_wrapper: Wrappers,
 ) -> None:
-    holder_ready = threading.Event()
-    release = threading.Event()
+    options = {"min_size": 1, "max_size": 1, "timeout": 0.3}
 
-    def hold() -> None:
-        wrapper = make_wrapper("tight", {"min_size": 1, "max_size": 1, "timeout": 0.3})
+    def hold(holding: threading.Event, release: threading.Event) -> None:
+        wrapper = make_wrapper("tight", options)
         with wrapper.cursor() as cursor:
             cursor.execute("SELECT 1")
         wrapper.ensure_connection()  # held until close(), in both release modes
-        holder_ready.set()
+        holding.set()
         release.wait(10)
         wrapper.close()
 
-    holder = threading.Thread(target=hold, name="slow-holder")
-    holder.start()
-    try:
-        assert holder_ready.wait(10)
-        wrapper = make_wrapper("tight", {"min_size": 1, "max_size": 1, "timeout": 0.3})
-        with pytest.raises(OperationalError) as excinfo:
-            wrapper.ensure_connection()
-    finally:
-        release.set()
-        holder.join(10)
-    message = str(excinfo.value)
+    error = timeout_while_held(hold, make_wrapper("tight", options), "slow-holder")
+    message = str(error)
     assert "database alias 'tight'" in message
     assert "no connection became free within 0.3 seconds" in message
     assert "size 1 of max 1, 1 lent out, 0 idle" in message
     assert "Held by: slow-holder (held " in message
     assert "test_pooling.py:" in message  # where the holder borrowed it
     assert "Raise OPTIONS['pool']['max_size']" in message
-    assert isinstance(excinfo.value.__cause__, psycopg_pool.PoolTimeout)
+    assert isinstance(error.__cause__, psycopg_pool.PoolTimeout)
     password = connection.settings_dict["PASSWORD"]
     assert password
     assert password not in message
