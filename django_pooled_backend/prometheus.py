@@ -21,6 +21,7 @@ the publisher take any function with that signature.
 
 from __future__ import annotations
 
+import glob
 import os
 import threading
 import time
@@ -248,12 +249,37 @@ def _on_connection_opened(sender: Any, **kwargs: Any) -> None:
 signals.connection_opened.connect(_on_connection_opened, dispatch_uid=__name__)
 
 
+class WrittenFilesCollector(Collector):
+    """prometheus_client's ``MultiProcessCollector``, but for files still being created.
+
+    A process creates its metrics file empty and sizes it a moment later;
+    ``MultiProcessCollector`` fails on an empty file (``struct.error``,
+    prometheus/client_python#1199), and so the whole scrape did when a
+    worker published its first figures at that moment.  Such a file holds
+    nothing yet: it is skipped.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def collect(self) -> Iterable[Metric]:
+        files = []
+        for name in glob.glob(os.path.join(self.path, "*.db")):
+            try:
+                if os.path.getsize(name) > 0:
+                    files.append(name)
+            except OSError:  # removed meanwhile (mark_process_dead)
+                continue
+        return MultiProcessCollector.merge(files, accumulate=True)  # type: ignore[no-any-return,no-untyped-call]
+
+
 def metrics_view(request: HttpRequest) -> HttpResponse:
     """The pool metrics in Prometheus' text format."""
     registry_ = CollectorRegistry()
-    if multiprocess_dir():
+    directory = multiprocess_dir()
+    if directory:
         publisher().publish()
-        MultiProcessCollector(registry_)  # type: ignore[no-untyped-call]
+        registry_.register(WrittenFilesCollector(directory))
     else:
         registry_.register(PoolCollector())
     return HttpResponse(generate_latest(registry_), content_type=CONTENT_TYPE_LATEST)

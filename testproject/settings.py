@@ -109,6 +109,9 @@ LOGGING = {
         "django_pooled_backend": {
             "handlers": ["console"],
             "level": env.str("POOL_LOG_LEVEL", default="WARNING"),
-        }
+        },
+        # Server errors with their traceback on stderr (the demo and the
+        # tests' gunicorn), not only to the (absent) admins by mail.
+        "django.request": {"handlers": ["console"], "level": "ERROR"},
     },
 }

@@ -160,7 +160,10 @@ def test_metrics_are_summed_over_gunicorn_worker_processes(
         client = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         try:
             client.request("GET", path)
-            return client.getresponse().read().decode()
+            response = client.getresponse()
+            body = response.read().decode()
+            assert response.status == 200, f"GET {path}: {response.status}\n{body[:2000]}"
+            return body
         finally:
             client.close()
 
@@ -201,3 +204,19 @@ def test_metrics_are_summed_over_gunicorn_worker_processes(
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_a_metrics_file_still_being_created_does_not_fail_the_scrape(tmp_path: Path) -> None:
+    # A worker that just started writes its file empty, then sizes it:
+    # prometheus_client's own MultiProcessCollector raises on such a file.
+    from prometheus_client.mmap_dict import MmapedDict, mmap_key
+
+    name = P + "requests"
+    written = MmapedDict(str(tmp_path / "counter_1.db"))
+    written.write_value(mmap_key(name, name + "_total", ["alias"], ["default"], "help"), 5.0, 0.0)
+    written.close()
+    (tmp_path / "counter_2.db").touch()
+    registry_ = CollectorRegistry()
+    registry_.register(prometheus.WrittenFilesCollector(str(tmp_path)))
+    values = samples(generate_latest(registry_).decode())
+    assert values[(name + "_total", "default")] == 5
