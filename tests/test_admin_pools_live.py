@@ -21,6 +21,7 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +150,16 @@ def shown_rows(page: dict[str, Any]) -> dict[tuple[str, str], dict[str, str]]:
     }
 
 
+def to_fixed_1(value: float) -> str:
+    """JavaScript's ``value.toFixed(1)``, as the page shows numbers.
+
+    Python's ``f"{value:.1f}"`` rounds an exact tie to even (18.25 gives
+    "18.2"); ``toFixed`` rounds it up ("18.3").  Both round the exact value
+    of the double, which ``Decimal(value)`` is.
+    """
+    return str(Decimal(value).quantize(Decimal("0.1"), rounding=ROUND_HALF_UP))
+
+
 def expected_rows(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, str]]:
     """What the page must show for a ``poolstats --json`` document."""
 
@@ -157,7 +168,7 @@ def expected_rows(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, s
         p95 = pool["wait"]["p95_ms"]
         figures = {key: pool[key] for key in SHOWN if key in pool}
         figures["free"] = max(pool["max_size"] - used, 0)
-        figures["p95_ms"] = "-" if p95 is None else f"{p95:.1f}"
+        figures["p95_ms"] = "-" if p95 is None else to_fixed_1(p95)
         return {key: str(value) for key, value in figures.items()}
 
     rows = {
@@ -376,3 +387,14 @@ def test_the_json_refuses_anonymous_users(server: Server) -> None:
             assert json.loads(body) == {
                 "error": "Log in to the admin site as a staff user to see the connection pools."
             }
+
+
+def test_numbers_are_rounded_as_the_page_rounds_them() -> None:
+    # Values the page showed in CI, and the neighbours of a tie.
+    assert [to_fixed_1(v) for v in (18.25, 18.249, 14.05, 0.0, 3.0)] == [
+        "18.3",
+        "18.2",
+        "14.1",
+        "0.0",
+        "3.0",
+    ]
