@@ -317,7 +317,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             self._parked = None
             self.connection = pool.unpark(parked, self)
         else:
-            self.connection = pool.borrow(self)
+            # Its parked connection was taken over: as for a take-back, the
+            # holder says where the thread is now (no walk up the stack).
+            self.connection = pool.borrow(self, locate=False)
         self.autocommit = True
         if connection_created.receivers:
             connection_created.send(sender=self.__class__, connection=self)

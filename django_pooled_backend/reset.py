@@ -76,17 +76,6 @@ def forget_transaction_options(conn: Connection[object]) -> None:
         conn.deferrable = None
 
 
-def poller(fileno: int) -> select.poll:
-    """A poller of ``fileno`` for input, for ``poll(0)``: has the server sent something?
-
-    poll(), not select(): a busy process may well have file descriptors
-    above select()'s limit of 1024.
-    """
-    result = select.poll()
-    result.register(fileno, select.POLLIN)
-    return result
-
-
 def finish_reset(conn: Connection[object], timeout: float) -> None:
     """Read the answer to :func:`send_reset`; raise if the reset did not work."""
     pgconn = conn.pgconn

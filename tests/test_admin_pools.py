@@ -156,7 +156,7 @@ def test_the_json_is_the_poolstats_json_document(admin_client: Client, published
 
 
 @pytest.mark.django_db
-def test_neither_page_nor_json_shows_a_password(
+def test_neither_page_nor_json_shows_credentials(
     admin_client: Client, tmp_path: Path, settings: Any
 ) -> None:
     # This process' own pool, published where the views read.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import select
+import sys
 import threading
 import time
 import uuid
@@ -16,7 +17,7 @@ import pytest
 from django.db import OperationalError, connection
 from django.db.backends.postgresql.base import DatabaseWrapper as DjangoWrapper
 
-from django_pooled_backend import registry
+from django_pooled_backend import registry, signals
 from django_pooled_backend.base import DatabaseWrapper
 from testproject import pgserver
 
@@ -94,6 +95,77 @@ def test_connection_killed_while_idle_is_never_lent(
     new_pid = backend_pid(killable)
     killable.close()
     assert new_pid != pid
+
+
+def test_killed_idle_connection_is_discarded_with_the_servers_goodbye(
+    make_wrapper: Wrappers, admin: psycopg.Connection[Any]
+) -> None:
+    # What the server said before closing (its FATAL message, read without a
+    # round trip) is the reason the connection is discarded.
+    wrapper = make_wrapper("goodbye", {"min_size": 1, "max_size": 1, "check_after": 3600})
+    pid = backend_pid(wrapper)
+    wrapper.close()
+    terminate(admin, pid)
+    (pool,) = registry.pools_for_alias("goodbye")
+    assert wait_until(lambda: all(saw_goodbye(conn) for conn in pool.idle_connections()))
+    reasons: list[str] = []
+
+    def discarded(sender: Any, reason: str, **kwargs: Any) -> None:
+        reasons.append(reason)
+
+    signals.connection_discarded.connect(discarded)
+    try:
+        new_pid = backend_pid(wrapper)
+        wrapper.close()
+    finally:
+        signals.connection_discarded.disconnect(discarded)
+    assert new_pid != pid
+    assert len(reasons) == 1
+    assert "terminating connection due to administrator command" in reasons[0]
+
+
+def test_borrow_check_lets_no_other_thread_run(make_wrapper: Wrappers) -> None:
+    # Borrowing and returning keep the GIL: where they released it (poll(),
+    # pgconn.notifies()), another thread took it each time and the borrower
+    # waited to get it back, which cut the throughput of every threaded
+    # server (see docs/benchmarks.rst).  With a long switch interval, a
+    # thread that wants the GIL only gets it when it is released.
+    if psycopg.pq.__impl__ == "python":
+        pytest.fail("psycopg's C implementation is needed: pip install 'psycopg[binary]'")
+    # check_after: starting the spinner takes a switch interval, after which
+    # a borrow would make its round trip (which rightly lets others run).
+    wrapper = make_wrapper("gil", {"min_size": 1, "max_size": 2, "check_after": 3600})
+    for _ in range(3):  # the pool filled, the connection parked
+        backend_pid(wrapper)
+        wrapper.close()
+    ran = [0]
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            ran[0] += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(2.0)
+    spinner = threading.Thread(target=spin, name="spinner", daemon=True)
+    try:
+        spinner.start()  # back here when the spinner is forced to let go: it waits now
+        # Another thread that wakes (the pool's own) may claim the GIL at the
+        # end of its switch interval, rarely but at any time: of three
+        # rounds, one without the spinner running is proof enough, where a
+        # borrow that releases the GIL lets it run in every round.
+        advanced = []
+        for _ in range(3):
+            before = ran[0]
+            for _ in range(100):
+                wrapper.ensure_connection()
+                wrapper.close()
+            advanced.append(ran[0] - before)
+    finally:
+        stop.set()
+        sys.setswitchinterval(interval)
+        spinner.join(10)
+    assert 0 in advanced, advanced
 
 
 def test_idle_session_timeout_does_not_reach_the_application(make_wrapper: Wrappers) -> None:
