@@ -18,7 +18,7 @@ What this leaves out, on purpose or not:
 
 * the server's work, and the time spent waiting for it (the same for every
   strategy but no pooling, which pays a connection per request);
-* the kernel's work (system calls: one ``poll()`` per borrow here);
+* the kernel's work (system calls: one non-blocking ``recv()`` per borrow here);
 * the cost of an instruction, which cache misses make vary: a pool's code
   run between two requests evicts some of Django's;
 * time-driven background work: under callgrind a process runs about fifty
