@@ -134,10 +134,23 @@ def log_in(driver: Any, server: Server, user: tuple[str, str], next_page: str = 
     submit.click()
     # Wait for the next page (or the login form again, with its error) to
     # replace this one: on a busy machine it may take a while.
-    from selenium.webdriver.support import expected_conditions
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.support.ui import WebDriverWait
 
-    WebDriverWait(driver, 60).until(expected_conditions.staleness_of(submit))
+    def replaced(_: Any) -> bool:
+        try:
+            submit.is_enabled()
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:
+            # What ChromeDriver sometimes says instead of "stale element"
+            # about an element of a page that has just been replaced.
+            if "does not belong to the document" in str(exc):
+                return True
+            raise
+        return False
+
+    WebDriverWait(driver, 60).until(replaced)
     WebDriverWait(driver, 60).until(
         lambda d: d.execute_script("return document.readyState") == "complete"
     )
