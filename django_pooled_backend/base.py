@@ -80,8 +80,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     # Where the connection went when it went back between statements: the
     # next statement borrows from there again without a full connect().
     _released_from: DjangoConnectionPool | None = None
-    # Request-scoped release: the pool (and the settings, as its key) of the
-    # last full connect(), from which the next connect() borrows directly.
+    # The pool (and the settings, as its key) of the last full connect(),
+    # from which the next connect() borrows directly (see _reconnect()).
     _reconnect_from: DjangoConnectionPool | None = None
     _reconnect_key: registry.PoolKey | None = None
     # The connection this object returned last, parked for it by the pool.
@@ -255,20 +255,20 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 self._borrow_again(lender)
                 return
         releasing = self.releases_per_transaction
-        if not releasing and self._reconnect_from is not None and self._reconnect():
-            return
         # Nothing goes back while Django sets the connection up, nor while
         # connection_created receivers (which may query) run.
         self._release_enabled = False
         if releasing:
             self._server_cursors.clear()
-        super().connect()
-        if not releasing and self.is_pooled and self.settings_dict["AUTOCOMMIT"]:
-            # Set up once: the next connect() of this object may be a _reconnect().
-            self._reconnect_from = self._lender
-            self._reconnect_key = self._pool_key()
+        if self._reconnect_from is None or not self._reconnect():
+            super().connect()
+            if self.is_pooled and self.settings_dict["AUTOCOMMIT"]:
+                # Set up once: the next connect() of this object may be a _reconnect().
+                self._reconnect_from = self._lender
+                self._reconnect_key = self._pool_key()
         if releasing:
             if self.connection is not None:
+                # connect() and _reconnect() sent connection_created for it.
                 self.connection._dpb_announced = True
             self._cursor_wrapper_class = ReleasingCursorWrapper
             self._debug_cursor_wrapper_class = ReleasingCursorDebugWrapper

@@ -574,12 +574,40 @@ def test_connection_created_once_per_connect_and_for_server_connections_not_yet_
         thread.join(10)
         assert second != first
         assert created == [first, first, second]  # this thread, the other, the new one
-        # A close() (the end of a request) makes the next statement connect in full.
+        # After a close() (the end of a request) the next statement connects
+        # again, and connection_created is sent as on every connect.
         connections[alias].close()
         third = pid(alias)
         assert created == [first, first, second, third]
     finally:
         connection_created.disconnect(receiver)
+
+
+def test_the_next_request_takes_back_its_parked_connection_without_a_full_connect(
+    aliases: Aliases, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alias = aliases("txn_reconnect", max_size=2)
+    wrapper = connections[alias]
+    first = pid(alias)
+    wrapper.close()  # the end of a request
+    full_connects: list[str] = []
+    check_settings = wrapper.check_settings
+
+    def counting() -> None:
+        full_connects.append(alias)
+        check_settings()
+
+    # Django's connect() starts with check_settings(); the short path skips it.
+    monkeypatch.setattr(wrapper, "check_settings", counting)
+    for _ in range(3):
+        assert pid(alias) == first
+        assert pid(alias) == first  # the next statement of the same request
+        wrapper.close()
+    assert full_connects == []
+    # Settings or pool not those of the last full connect: connect in full.
+    wrapper.close_pool()
+    pid(alias)
+    assert full_connects == [alias]
 
 
 def test_adapters_registered_by_connection_created_apply_to_every_statement(
