@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import statistics
 import sys
 import threading
@@ -222,6 +223,7 @@ def run_cell(
     barrier = threading.Barrier(threads + 1)
     window: list[float] = []
     counts = [0] * threads
+    completed = [0] * threads  # warm-up included
     errors: list[str] = []
 
     def worker(n: int) -> None:
@@ -235,6 +237,7 @@ def run_cell(
                 except Exception as exc:  # noqa: BLE001 - counted and reported
                     errors.append(f"{type(exc).__name__}: {exc}".splitlines()[0][:200])
                     continue
+                completed[n] += 1
                 if now >= start and time.perf_counter() <= end:
                     counts[n] += 1
         finally:
@@ -249,20 +252,47 @@ def run_cell(
     window.extend([now + args.warmup, now + args.warmup + args.seconds])
     barrier.wait()
     cpu = time.process_time()
+    switches = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
     for t in workers:
         t.join(args.warmup + args.seconds + 120)
     cpu = time.process_time() - cpu
+    switches = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - switches
     elapsed = time.perf_counter() - now
     peak = sampler.stop()
+    # Per request completed in the whole run (warm-up included), as the CPU
+    # and the switches are counted over the whole run.
+    done = max(1, sum(completed))
+    waits = _borrow_waits(strategy)
     return {
         "rps": sum(counts) / args.seconds,
         # CPU time of this process (all its threads) per second: above about
         # 0.8, the threads queue for the interpreter's lock more than they wait.
         "cpu": cpu / elapsed,
+        "cpu_us_per_request": 1e6 * cpu / done,
+        # Voluntary context switches of the process: a thread blocking (on
+        # the socket, the pool's queue, the interpreter's lock, a sleep).
+        "switches_per_request": switches / done,
+        "queued_pct": waits[0] if waits else None,
+        "wait_ms": waits[1] if waits else None,
         "peak": peak,
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
     }
+
+
+def _borrow_waits(strategy: str) -> tuple[float, float] | None:
+    """Of the pool of ``strategy``: the % of borrows that queued, and their mean wait in ms."""
+    from django_pooled_backend import registry
+
+    pools = registry.pools_for_alias(strategy)
+    if not pools:
+        return None
+    stats = pools[0].get_stats()  # psycopg_pool's counters
+    borrows, queued = stats.get("requests_num", 0), stats.get("requests_queued", 0)
+    if not borrows:
+        return None
+    wait = stats.get("requests_wait_ms", 0) / queued if queued else 0.0
+    return 100 * queued / borrows, wait
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -418,6 +448,35 @@ def report(
             )
         )
     lines = [table(header, rows)]
+    lines.append(
+        "\nPer request (over the whole run, warm-up included; medians): CPU µs of the "
+        "benchmark process, its voluntary context switches, and for the pools the share "
+        "of borrows that queued (their mean wait):\n"
+    )
+    detail = []
+    for (workload, threads), by_strategy in results.items():
+        for strategy in STRATEGIES:
+            runs = by_strategy[strategy]
+            queued = [r["queued_pct"] for r in runs if r.get("queued_pct") is not None]
+            wait = [r["wait_ms"] for r in runs if r.get("wait_ms") is not None]
+            waited = (
+                f"{statistics.median(queued):.0f}% ({statistics.median(wait):.1f} ms)"
+                if queued
+                else "--"
+            )
+            detail.append(
+                (
+                    workload,
+                    str(threads),
+                    strategy,
+                    f"{statistics.median(r['cpu_us_per_request'] for r in runs):.0f}",
+                    f"{statistics.median(r['switches_per_request'] for r in runs):.1f}",
+                    waited,
+                )
+            )
+    lines.append(
+        table(("Workload", "T", "Strategy", "CPU µs", "switches", "borrows that waited"), detail)
+    )
     lines.append(
         f"\n({args.reps} repetitions x {args.seconds:g} s measured after {args.warmup:g} s of "
         f"warm-up; pools min_size {args.min_size}, max_size {args.max_size}; conns: the peak "

@@ -90,6 +90,8 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     overheads.append(1000 * (c["mean_ms"] - r["mean_ms"]))
         rps = [c["rps"] for c in reps]
         errors = sum(c["errors"] for c in reps)
+        # psycopg_pool's counters, warm-up included (absent for the others).
+        waits = [w for c in reps if (w := c.get("borrow_waits")) and w["borrows"]]
         summaries.append(
             {
                 "workload": workload,
@@ -108,6 +110,8 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "errors": errors,
                 "first_error": next((c["first_error"] for c in reps if c["first_error"]), None),
                 "threads_progressed_min": min(c["threads_progressed"] for c in reps),
+                "queued_pct": _median(100 * w["queued"] / w["borrows"] for w in waits),
+                "queued_wait_ms": _median(w["wait_ms"] / w["queued"] for w in waits if w["queued"]),
             }
         )
     return summaries
@@ -158,6 +162,16 @@ class Table:
 
 def _num(value: float, fmt: str = "{:.0f}") -> str:
     return "—" if value is None or math.isnan(value) else fmt.format(value)
+
+
+def _waited(summary: dict[str, Any]) -> str:
+    pct = summary.get("queued_pct")
+    if pct is None or math.isnan(pct):
+        return "—"
+    wait = summary.get("queued_wait_ms")
+    if wait is None or math.isnan(wait):
+        return f"{pct:.0f}%"
+    return f"{pct:.0f}% ({wait:.1f} ms)"
 
 
 def tables(
@@ -212,6 +226,7 @@ def tables(
                         str(s["peak_server_connections"]),
                         str(s["errors"]),
                         f"{s['threads_progressed_min']}/{t}",
+                        _waited(s),
                     ]
                 )
         result.append(
@@ -228,6 +243,7 @@ def tables(
                     "peak server conns",
                     "errors",
                     "threads progressed",
+                    "borrows that waited (mean wait)",
                 ],
                 rows,
             )

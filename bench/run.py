@@ -73,6 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--paired-rounds", type=int, help="rounds of the alternating T=1 measurement (0: skip)"
     )
+    parser.add_argument(
+        "--max-size",
+        type=int,
+        default=strategies.POOL_MAX,
+        help=f"server connections of every bounded strategy (default {strategies.POOL_MAX})",
+    )
     parser.add_argument("--items", type=int, default=10_000, help="rows in the table")
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument(
@@ -131,7 +137,7 @@ def ensure_database(db: dict[str, Any]) -> None:
 
 
 def configure_django(
-    db: dict[str, Any], chosen: list[strategies.Strategy], port: int | None
+    db: dict[str, Any], chosen: list[strategies.Strategy], port: int | None, max_size: int
 ) -> None:
     import django
     from django.conf import settings
@@ -139,7 +145,7 @@ def configure_django(
     databases = {
         # Used only to create and fill the table.
         "default": {**strategies.Strategy("setup", "").settings(db, None)},
-        **{s.name: s.settings(db, port) for s in chosen},
+        **{s.name: s.settings(db, port, max_size) for s in chosen},
     }
     settings.configure(
         DEBUG=False,
@@ -243,10 +249,10 @@ def main(argv: list[str] | None = None) -> int:
             pgb = bouncer.start(
                 database_url(),
                 executable=binary,
-                default_pool_size=strategies.POOL_MAX,
+                default_pool_size=args.max_size,
                 settings={
-                    # At most POOL_MAX server connections, as the pools have.
-                    "max_db_connections": str(strategies.POOL_MAX),
+                    # At most --max-size server connections, as the pools have.
+                    "max_db_connections": str(args.max_size),
                     "min_pool_size": "0",
                     "reserve_pool_size": "0",
                     "max_client_conn": "900",
@@ -267,7 +273,7 @@ def _run(
     pgb: bouncer.PgBouncer | None,
     sample_dsn: str,
 ) -> int:
-    configure_django(db, chosen, pgb.port if pgb else None)
+    configure_django(db, chosen, pgb.port if pgb else None, args.max_size)
     prepare_table(args.items)
     from bench import workloads
 
@@ -276,7 +282,7 @@ def _run(
         "command": " ".join(["bench/run.py", *sys.argv[1:]]),
         "repetitions": args.reps,
         "seconds per cell": f"{args.seconds:g} measured after {args.warmup:g} of warm-up",
-        "pool max_size": strategies.POOL_MAX,
+        "pool max_size": args.max_size,
     }
     print(f"Benchmark on PostgreSQL {info['postgresql']}, {info['cpu']} x{info['cores']}")
     cells: list[dict[str, Any]] = []
@@ -301,6 +307,7 @@ def _run(
                         sample_dsn=sample_dsn,
                         seed=args.seed + rep,
                     )
+                    cell["borrow_waits"] = strategies.borrow_waits(strategy)
                     strategies.close_pools(strategy)
                     cell["rep"] = rep
                     cells.append(cell)

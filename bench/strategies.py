@@ -43,8 +43,16 @@ class Strategy:
         # connection keeps the name of the last client it served.
         return "bench pgbouncer%" if self.via_pgbouncer else self.application_name
 
-    def settings(self, db: dict[str, Any], pgbouncer_port: int | None) -> dict[str, Any]:
-        """The ``DATABASES`` entry of this strategy."""
+    def settings(
+        self, db: dict[str, Any], pgbouncer_port: int | None, max_size: int = POOL_MAX
+    ) -> dict[str, Any]:
+        """The ``DATABASES`` entry of this strategy, its pool bounded at ``max_size``."""
+        options = dict(self.options)
+        if "pool" in options:
+            options["pool"] = {**options["pool"], "max_size": max_size}
+        extra = dict(self.extra)
+        if "POOL_OPTIONS" in extra:
+            extra["POOL_OPTIONS"] = {**extra["POOL_OPTIONS"], "POOL_SIZE": max_size}
         entry: dict[str, Any] = {
             "ENGINE": self.engine,
             "NAME": db["NAME"],
@@ -53,8 +61,8 @@ class Strategy:
             "HOST": db["HOST"],
             "PORT": db["PORT"],
             "CONN_MAX_AGE": self.conn_max_age,
-            "OPTIONS": {"application_name": self.application_name, **self.options},
-            **self.extra,
+            "OPTIONS": {"application_name": self.application_name, **options},
+            **extra,
         }
         if self.via_pgbouncer:
             assert pgbouncer_port is not None
@@ -120,6 +128,14 @@ STRATEGIES: list[Strategy] = [
         pooled=True,
     ),
     Strategy(
+        "pooled-transaction",
+        "This backend with 'release': 'transaction' (the connection goes back between "
+        "statements outside a transaction), max_size 10.",
+        engine="django_pooled_backend",
+        options={"pool": {"max_size": POOL_MAX, "release": "transaction"}},
+        pooled=True,
+    ),
+    Strategy(
         "pooled-no-reset",
         "This backend with 'reset': False (to show the reset's cost), max_size 10.",
         engine="django_pooled_backend",
@@ -153,6 +169,33 @@ def close_pools(strategy: Strategy) -> None:
     }
     with contextlib.suppress(KeyError):
         closers[strategy.engine]()
+
+
+def borrow_waits(strategy: Strategy) -> dict[str, int] | None:
+    """psycopg_pool's borrow counters of ``strategy``'s pool, for a pool built on it.
+
+    ``borrows``: connections lent; ``queued``: borrows that found no idle
+    connection and waited in the pool's queue; ``wait_ms``: their total
+    wait.  None for the strategies without a psycopg_pool in this process.
+    Read before :func:`close_pools`, which starts the next cell from zero.
+    """
+    from django.db import connections
+
+    if strategy.engine not in {
+        "django_pooled_backend",
+        "django_pg_real_pool",
+        "django.db.backends.postgresql",
+    }:
+        return None
+    pool = getattr(connections[strategy.name], "pool", None)
+    if pool is None:
+        return None
+    stats = pool.get_stats()
+    return {
+        "borrows": stats.get("requests_num", 0),
+        "queued": stats.get("requests_queued", 0),
+        "wait_ms": stats.get("requests_wait_ms", 0),
+    }
 
 
 def _close_django_pool(alias: str) -> None:

@@ -16,12 +16,13 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from bench.strategies import POOL_MAX
-
 from .conftest import admin_dsn
 
 ROOT = Path(__file__).resolve().parent.parent
 DB = "dpb_bench_smoke"
+# Below the 4 threads of the run: borrows wait, and --max-size is what bounds them.
+MAX_SIZE = 3
+STRATEGIES = ("persistent", "pooled", "pooled-transaction")
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def test_quick_run_writes_every_cell_without_errors(tmp_path: Path) -> None:
                 "bench/run.py",
                 "--quick",
                 "--strategies",
-                "persistent,pooled",
+                "persistent,pooled,pooled-transaction",
                 "--workloads",
                 "a,b",
                 "--threads",
@@ -48,6 +49,8 @@ def test_quick_run_writes_every_cell_without_errors(tmp_path: Path) -> None:
                 "100",
                 "--paired-rounds",
                 "3",
+                "--max-size",
+                str(MAX_SIZE),
                 "--items",
                 "200",
                 "--output-dir",
@@ -69,7 +72,8 @@ def test_quick_run_writes_every_cell_without_errors(tmp_path: Path) -> None:
     data = json.loads((tmp_path / "latest.json").read_text())
     summary = data["summary"]
     cells = {(s["workload"], s["threads"], s["strategy"]) for s in summary}
-    assert cells == {(w, t, s) for w in "ab" for t in (1, 4) for s in ("persistent", "pooled")}
+    assert cells == {(w, t, s) for w in "ab" for t in (1, 4) for s in STRATEGIES}
+    assert data["run"]["pool max_size"] == MAX_SIZE
     for s in summary:
         assert s["errors"] == 0, s
         assert s["rps_median"] > 0, s
@@ -80,14 +84,19 @@ def test_quick_run_writes_every_cell_without_errors(tmp_path: Path) -> None:
             # A pool that opens while its first borrowers wait may grow past
             # the thread count (psycopg_pool grows while clients wait), never
             # past max_size.
-            assert s["peak_server_connections"] <= POOL_MAX, s
-    assert {m["strategy"] for m in data["microbenchmark"]} == {"persistent", "pooled"}
-    assert {p["strategy"] for p in data["t1_alternating"]} == {"persistent", "pooled"}
+            assert s["peak_server_connections"] <= MAX_SIZE, s
+            # psycopg_pool's counters were read before the pool closed.
+            assert 0 <= s["queued_pct"] <= 100, s
+        if s["strategy"] != "persistent" and s["threads"] > MAX_SIZE:
+            assert s["queued_pct"] > 0, s
+    assert {m["strategy"] for m in data["microbenchmark"]} == set(STRATEGIES)
+    assert {p["strategy"] for p in data["t1_alternating"]} == set(STRATEGIES)
     for key in ("cpu", "python", "django", "psycopg", "postgresql"):
         assert data["machine"][key], key
 
     markdown = (tmp_path / "latest.md").read_text()
     assert "| pooled | 1 |" in markdown
+    assert "| pooled-transaction | 4 |" in markdown
     assert "(b) request: get, then an update in atomic(): details" in markdown
 
 
@@ -111,6 +120,9 @@ def test_quick_run_report_is_valid_restructuredtext(tmp_path: Path) -> None:
             "first_error": "OperationalError: *bad* `thing` | _x_" if errors else None,
             "threads_progressed": 1,
             "hung_threads": 0,
+            "borrow_waits": (
+                {"borrows": 10, "queued": 5, "wait_ms": 20} if strategy == "pooled" else None
+            ),
         }
         for strategy, rps, errors in (("persistent", 100.0, 0), ("pooled", 99.0, 1))
     ]
@@ -125,5 +137,62 @@ def test_quick_run_report_is_valid_restructuredtext(tmp_path: Path) -> None:
         {"a": "request: get by primary key"},
     )
     text = "Results\n-------\n\n" + paths["rst"].read_text()
+    assert "50% (4.0 ms)" in text  # half the borrows queued, 20 ms in all
     # Raises on any warning: the docs include this file and build with -W.
     docutils_core.publish_doctree(text, settings_overrides={"halt_level": 2, "report_level": 2})
+
+
+def test_release_modes_runs_every_cell_and_reports_the_waits() -> None:
+    db = "dpb_release_smoke"
+    with psycopg.connect(admin_dsn(), autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + db
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "bench/release_modes.py",
+                "--reps",
+                "1",
+                "--seconds",
+                "0.5",
+                "--warmup",
+                "0.2",
+                "--cells",
+                "io:4,read:6,write:1",
+                "--max-size",
+                "2",
+                "--items",
+                "50",
+                "--paired-rounds",
+                "2",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "DATABASE_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        with psycopg.connect(admin_dsn(), autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))
+            )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "errors" not in out, out
+    rows = {
+        tuple(line.split()[:3]): line.split()[3:]
+        for line in out.splitlines()
+        if line.split()[:1] in (["io"], ["read"], ["write"]) and len(line.split()) >= 6
+    }
+    # 6 threads sending back-to-back requests on 2 connections: borrows queue.
+    for strategy in ("request", "transaction"):
+        queued = rows[("read", "6", strategy)][2]
+        assert queued.endswith("%"), out
+        assert 0 < int(queued[:-1]) <= 100, out
+    assert rows[("io", "4", "persistent")][2] == "--", out
+    assert rows[("io", "4", "transaction")][2].endswith("%"), out
+    assert float(rows[("write", "1", "request")][1]) > 0, out  # switches per request
+    assert "Paired, T=1" in out, out
