@@ -88,7 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"])
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.items < 1000:
+        parser.error(f"--items {args.items}: at least 1000 (the requests cycle over 1000 rows)")
+    return args
 
 
 def _in_thread(fn: object) -> None:

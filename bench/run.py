@@ -137,7 +137,10 @@ def ensure_database(db: dict[str, Any]) -> None:
 
 
 def configure_django(
-    db: dict[str, Any], chosen: list[strategies.Strategy], port: int | None, max_size: int
+    db: dict[str, Any],
+    chosen: list[strategies.Strategy],
+    port: int | None,
+    max_size: int = strategies.POOL_MAX,
 ) -> None:
     import django
     from django.conf import settings

@@ -159,10 +159,8 @@ def missing_requirement(strategy: Strategy) -> str | None:
 
 def close_pools(strategy: Strategy) -> None:
     """Close the process-side pool of ``strategy`` so that the next cell starts cold."""
-    from django.db import connections
-
     closers: dict[str, Callable[[], None]] = {
-        "django_pooled_backend": lambda: connections[strategy.name].close_pool(),
+        "django_pooled_backend": lambda: _close_pooled(strategy.name),
         "django_pg_real_pool": lambda: _close_django_pool(strategy.name),
         "django.db.backends.postgresql": lambda: _close_django_pool(strategy.name),
         "dj_db_conn_pool.backends.postgresql": lambda: _close_dbcp(strategy.name),
@@ -198,11 +196,22 @@ def borrow_waits(strategy: Strategy) -> dict[str, int] | None:
     }
 
 
+def _close_pooled(alias: str) -> None:
+    from django.db import connections
+
+    from django_pooled_backend.base import DatabaseWrapper
+
+    wrapper = connections[alias]
+    assert isinstance(wrapper, DatabaseWrapper)
+    wrapper.close_pool()
+
+
 def _close_django_pool(alias: str) -> None:
     from django.db.backends.postgresql.base import DatabaseWrapper
 
     # Django's pool property creates a pool when there is none: look first.
-    pool = DatabaseWrapper._connection_pools.pop(alias, None)
+    pools: dict[str, Any] = DatabaseWrapper._connection_pools  # type: ignore[attr-defined]
+    pool = pools.pop(alias, None)
     if pool is not None:
         pool.close()
 

@@ -196,3 +196,47 @@ def test_release_modes_runs_every_cell_and_reports_the_waits() -> None:
     assert rows[("io", "4", "transaction")][2].endswith("%"), out
     assert float(rows[("write", "1", "request")][1]) > 0, out  # switches per request
     assert "Paired, T=1" in out, out
+
+
+def test_profile_borrow_times_and_profiles_the_borrow_path() -> None:
+    db = "dpb_profile_smoke"
+    url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + db
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "bench/profile_borrow.py",
+                "--strategies",
+                "pooled,pooled-transaction",
+                "--requests",
+                "60",
+                "--rounds",
+                "1",
+                "--block",
+                "20",
+                "--items",
+                "1000",
+                "--top",
+                "5",
+            ],
+            cwd=ROOT,
+            env={**os.environ, "DATABASE_URL": url},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        with psycopg.connect(admin_dsn(), autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))
+            )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    for strategy in ("persistent", "pooled", "pooled-transaction"):
+        assert f"== cProfile, {strategy}: the borrow/return path, per request" in out, out
+    # Each request of a pooled strategy checks the connection it borrows once.
+    for strategy in ("pooled", "pooled-transaction"):
+        path = out.split(f"== cProfile, {strategy}: the borrow/return path")[1]
+        rows = [line.split() for line in path.split("\n\n")[0].splitlines()]
+        calls = {row[0]: float(row[1]) for row in rows if len(row) == 4 and ":" in row[0]}
+        assert calls["pool.py:_check_borrowed"] == 1.0, out
