@@ -43,8 +43,12 @@ def test_quick_run_writes_every_cell_without_errors(tmp_path: Path) -> None:
                 "1,4",
                 "--seconds",
                 "0.5",
+                # With 0.3 s, one cell of one CI run completed no request in
+                # its window (no error; cause not found, the run's log was
+                # not kept: it is in every message below now).  One-time
+                # costs of a cell stay out of the window.
                 "--warmup",
-                "0.3",
+                "1.0",
                 "--micro-iterations",
                 "100",
                 "--paired-rounds",
@@ -67,7 +71,8 @@ def test_quick_run_writes_every_cell_without_errors(tmp_path: Path) -> None:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB))
             )
-    assert result.returncode == 0, result.stdout + result.stderr
+    log = result.stdout + result.stderr  # every cell's line, and what the pools logged
+    assert result.returncode == 0, log
 
     data = json.loads((tmp_path / "latest.json").read_text())
     summary = data["summary"]
@@ -75,20 +80,20 @@ def test_quick_run_writes_every_cell_without_errors(tmp_path: Path) -> None:
     assert cells == {(w, t, s) for w in "ab" for t in (1, 4) for s in STRATEGIES}
     assert data["run"]["pool max_size"] == MAX_SIZE
     for s in summary:
-        assert s["errors"] == 0, s
-        assert s["rps_median"] > 0, s
-        assert s["threads_progressed_min"] == s["threads"], s
+        assert s["errors"] == 0, (s, log)
+        assert s["rps_median"] > 0, (s, log)
+        assert s["threads_progressed_min"] == s["threads"], (s, log)
         if s["strategy"] == "persistent":
-            assert s["peak_server_connections"] <= s["threads"] + 1, s
+            assert s["peak_server_connections"] <= s["threads"] + 1, (s, log)
         else:
             # A pool that opens while its first borrowers wait may grow past
             # the thread count (psycopg_pool grows while clients wait), never
             # past max_size.
-            assert s["peak_server_connections"] <= MAX_SIZE, s
+            assert s["peak_server_connections"] <= MAX_SIZE, (s, log)
             # psycopg_pool's counters were read before the pool closed.
-            assert 0 <= s["queued_pct"] <= 100, s
+            assert 0 <= s["queued_pct"] <= 100, (s, log)
         if s["strategy"] != "persistent" and s["threads"] > MAX_SIZE:
-            assert s["queued_pct"] > 0, s
+            assert s["queued_pct"] > 0, (s, log)
     assert {m["strategy"] for m in data["microbenchmark"]} == set(STRATEGIES)
     assert {p["strategy"] for p in data["t1_alternating"]} == set(STRATEGIES)
     for key in ("cpu", "python", "django", "psycopg", "postgresql"):
