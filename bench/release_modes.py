@@ -282,17 +282,17 @@ def run_cell(
 
 def _borrow_waits(strategy: str) -> tuple[float, float] | None:
     """Of the pool of ``strategy``: the % of borrows that queued, and their mean wait in ms."""
+    from bench.strategies import pool_waits
     from django_pooled_backend import registry
 
     pools = registry.pools_for_alias(strategy)
     if not pools:
         return None
-    stats = pools[0].get_stats()  # psycopg_pool's counters
-    borrows, queued = stats.get("requests_num", 0), stats.get("requests_queued", 0)
-    if not borrows:
+    waits = pool_waits(pools[0])
+    if not waits["borrows"]:
         return None
-    wait = stats.get("requests_wait_ms", 0) / queued if queued else 0.0
-    return 100 * queued / borrows, wait
+    wait = waits["wait_ms"] / waits["queued"] if waits["queued"] else 0.0
+    return 100 * waits["queued"] / waits["borrows"], wait
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -172,22 +172,27 @@ def close_pools(strategy: Strategy) -> None:
 def borrow_waits(strategy: Strategy) -> dict[str, int] | None:
     """psycopg_pool's borrow counters of ``strategy``'s pool, for a pool built on it.
 
-    ``borrows``: connections lent; ``queued``: borrows that found no idle
-    connection and waited in the pool's queue; ``wait_ms``: their total
-    wait.  None for the strategies without a psycopg_pool in this process.
-    Read before :func:`close_pools`, which starts the next cell from zero.
+    None for the strategies without a psycopg_pool in this process.  Read
+    before :func:`close_pools`, which starts the next cell from zero.
     """
-    from django.db import connections
+    pool: Any = None
+    if strategy.engine == "django_pooled_backend":
+        from django_pooled_backend import registry
 
-    if strategy.engine not in {
-        "django_pooled_backend",
-        "django_pg_real_pool",
-        "django.db.backends.postgresql",
-    }:
-        return None
-    pool = getattr(connections[strategy.name], "pool", None)
-    if pool is None:
-        return None
+        pools = registry.pools_for_alias(strategy.name)
+        pool = pools[0] if pools else None
+    elif strategy.engine in {"django_pg_real_pool", "django.db.backends.postgresql"}:
+        # Not the pool property, which creates a pool when there is none.
+        pool = _django_pools().get(strategy.name)
+    return None if pool is None else pool_waits(pool)
+
+
+def pool_waits(pool: Any) -> dict[str, int]:
+    """A psycopg_pool's borrow counters (since it opened).
+
+    ``borrows``: connections lent; ``queued``: borrows that found no idle
+    connection and waited in the pool's queue; ``wait_ms``: their total wait.
+    """
     stats = pool.get_stats()
     return {
         "borrows": stats.get("requests_num", 0),
@@ -206,12 +211,17 @@ def _close_pooled(alias: str) -> None:
     wrapper.close_pool()
 
 
-def _close_django_pool(alias: str) -> None:
+def _django_pools() -> dict[str, Any]:
+    """Django's pools by alias (its backend's, and django-pg-real-pool's)."""
     from django.db.backends.postgresql.base import DatabaseWrapper
 
-    # Django's pool property creates a pool when there is none: look first.
     pools: dict[str, Any] = DatabaseWrapper._connection_pools  # type: ignore[attr-defined]
-    pool = pools.pop(alias, None)
+    return pools
+
+
+def _close_django_pool(alias: str) -> None:
+    # Django's pool property creates a pool when there is none: look first.
+    pool = _django_pools().pop(alias, None)
     if pool is not None:
         pool.close()
 

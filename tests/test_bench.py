@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -27,39 +28,26 @@ STRATEGIES = ("persistent", "pooled", "pooled-transaction")
 pytestmark = pytest.mark.slow
 
 
-def test_quick_run_writes_every_cell_without_errors(tmp_path: Path) -> None:
-    url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + DB
+def run_with_own_database(
+    db: str, script: str, *args: str, create: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` with ``DATABASE_URL`` on database ``db`` of the test server, then drop ``db``.
+
+    ``create``: create ``db`` first (``bench/run.py`` and ``profile_borrow.py``
+    create theirs; ``release_modes.py`` migrates the one it is given).
+    """
+
+    def drop(admin: psycopg.Connection[Any]) -> None:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
+
+    if create:
+        with psycopg.connect(admin_dsn(), autocommit=True) as admin:
+            drop(admin)
+            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+    url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + db
     try:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "bench/run.py",
-                "--quick",
-                "--strategies",
-                "persistent,pooled,pooled-transaction",
-                "--workloads",
-                "a,b",
-                "--threads",
-                "1,4",
-                "--seconds",
-                "0.5",
-                # With 0.3 s, one cell of one CI run completed no request in
-                # its window (no error; cause not found, the run's log was
-                # not kept: it is in every message below now).  One-time
-                # costs of a cell stay out of the window.
-                "--warmup",
-                "1.0",
-                "--micro-iterations",
-                "100",
-                "--paired-rounds",
-                "3",
-                "--max-size",
-                str(MAX_SIZE),
-                "--items",
-                "200",
-                "--output-dir",
-                str(tmp_path),
-            ],
+        return subprocess.run(
+            [sys.executable, script, *args],
             cwd=ROOT,
             env={**os.environ, "DATABASE_URL": url},
             capture_output=True,
@@ -68,9 +56,39 @@ def test_quick_run_writes_every_cell_without_errors(tmp_path: Path) -> None:
         )
     finally:
         with psycopg.connect(admin_dsn(), autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(DB))
-            )
+            drop(admin)
+
+
+def test_quick_run_writes_every_cell_without_errors(tmp_path: Path) -> None:
+    result = run_with_own_database(
+        DB,
+        "bench/run.py",
+        "--quick",
+        "--strategies",
+        "persistent,pooled,pooled-transaction",
+        "--workloads",
+        "a,b",
+        "--threads",
+        "1,4",
+        "--seconds",
+        "0.5",
+        # With 0.3 s, one cell of one CI run completed no request in
+        # its window (no error; cause not found, the run's log was
+        # not kept: it is in every message below now).  One-time
+        # costs of a cell stay out of the window.
+        "--warmup",
+        "1.0",
+        "--micro-iterations",
+        "100",
+        "--paired-rounds",
+        "3",
+        "--max-size",
+        str(MAX_SIZE),
+        "--items",
+        "200",
+        "--output-dir",
+        str(tmp_path),
+    )
     log = result.stdout + result.stderr  # every cell's line, and what the pools logged
     assert result.returncode == 0, log
 
@@ -148,42 +166,25 @@ def test_quick_run_report_is_valid_restructuredtext(tmp_path: Path) -> None:
 
 
 def test_release_modes_runs_every_cell_and_reports_the_waits() -> None:
-    db = "dpb_release_smoke"
-    with psycopg.connect(admin_dsn(), autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
-    url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + db
-    try:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "bench/release_modes.py",
-                "--reps",
-                "1",
-                "--seconds",
-                "0.5",
-                "--warmup",
-                "0.2",
-                "--cells",
-                "io:4,read:6,write:1",
-                "--max-size",
-                "2",
-                "--items",
-                "50",
-                "--paired-rounds",
-                "2",
-            ],
-            cwd=ROOT,
-            env={**os.environ, "DATABASE_URL": url},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    finally:
-        with psycopg.connect(admin_dsn(), autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))
-            )
+    result = run_with_own_database(
+        "dpb_release_smoke",
+        "bench/release_modes.py",
+        "--reps",
+        "1",
+        "--seconds",
+        "0.5",
+        "--warmup",
+        "0.2",
+        "--cells",
+        "io:4,read:6,write:1",
+        "--max-size",
+        "2",
+        "--items",
+        "50",
+        "--paired-rounds",
+        "2",
+        create=True,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "errors" not in out, out
@@ -204,37 +205,22 @@ def test_release_modes_runs_every_cell_and_reports_the_waits() -> None:
 
 
 def test_profile_borrow_times_and_profiles_the_borrow_path() -> None:
-    db = "dpb_profile_smoke"
-    url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + db
-    try:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "bench/profile_borrow.py",
-                "--strategies",
-                "pooled,pooled-transaction",
-                "--requests",
-                "60",
-                "--rounds",
-                "1",
-                "--block",
-                "20",
-                "--items",
-                "1000",
-                "--top",
-                "5",
-            ],
-            cwd=ROOT,
-            env={**os.environ, "DATABASE_URL": url},
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-    finally:
-        with psycopg.connect(admin_dsn(), autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db))
-            )
+    result = run_with_own_database(
+        "dpb_profile_smoke",
+        "bench/profile_borrow.py",
+        "--strategies",
+        "pooled,pooled-transaction",
+        "--requests",
+        "60",
+        "--rounds",
+        "1",
+        "--block",
+        "20",
+        "--items",
+        "1000",
+        "--top",
+        "5",
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     for strategy in ("persistent", "pooled", "pooled-transaction"):
