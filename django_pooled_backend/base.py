@@ -369,9 +369,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             self._released_from = self._lender
             with self.wrap_database_errors:
                 # Parked for this object's next statement, unless another
-                # borrower needs it first; then for whichever borrower asks
-                # first (see DjangoConnectionPool.park()).
-                if self._lender.park(conn, first_come=True):
+                # borrower needs it first (see DjangoConnectionPool.park()).
+                if self._lender.park(conn):
                     self._parked = conn
 
     def set_autocommit(

@@ -7,11 +7,7 @@ What this adds to :class:`psycopg_pool.ConnectionPool`:
   a moment ago (HikariCP's "alive bypass window"), and catches connections
   the server closed while they sat idle without one,
 * a record of who holds each lent-out connection, and timeout errors that
-  give the pool's state and those holders,
-* parking (a returned connection kept for its last borrower), and, for a
-  connection given back between statements while others wait, a hand-over
-  to whichever borrower asks first rather than to the first in line (see
-  :meth:`DjangoConnectionPool.park`).
+  give the pool's state and those holders.
 """
 
 from __future__ import annotations
@@ -20,14 +16,12 @@ import logging
 import threading
 import time
 import weakref
-from _thread import allocate_lock
 from typing import Any
 
 import psycopg
 from psycopg import errors as e
 from psycopg.pq import ConnStatus, TransactionStatus
-from psycopg_pool import ConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
-from psycopg_pool.pool import WaitingClient
+from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from . import reset, signals
 from .options import PoolOptions
@@ -68,70 +62,6 @@ class _Goodbye:
     def __call__(self, diag: psycopg.errors.Diagnostic) -> None:
         if diag.severity_nonlocalized in ("ERROR", "FATAL", "PANIC"):
             self.message = diag.message_primary or diag.severity_nonlocalized
-
-
-class _Waiter(WaitingClient["PooledConnection"]):
-    """A borrower waiting in the pool's queue, which may also be told to try again.
-
-    psycopg_pool's waiter can only be handed a connection (``set()``) or an
-    error (``fail()``).  This one can also be *woken* (``wake()``): a
-    connection is back in the idle queue, for whichever borrower asks first
-    (see :meth:`DjangoConnectionPool.park`).  ``wait()`` then returns None,
-    and the borrower looks again.  Two plain locks rather than a Condition:
-    one that ``wait()`` blocks on until it is released, one that makes the
-    first of set(), fail(), wake() and a timeout the only one that counts.
-    """
-
-    __slots__ = ("_mutex", "_ready", "lost", "woken")
-
-    def __init__(self, lost: bool = False) -> None:
-        self.conn: PooledConnection | None = None
-        self.error: BaseException | None = None
-        # It was woken once and found nothing: the next connection is its own.
-        self.lost = lost
-        self.woken = False
-        self._ready = allocate_lock()
-        self._ready.acquire()
-        self._mutex = allocate_lock()
-
-    def wait(self, timeout: float) -> PooledConnection | None:  # type: ignore[override]
-        """The connection handed over, or None when woken to look again; raises on timeout."""
-        ready = self._ready.acquire(True, max(timeout, 0.0))
-        with self._mutex:
-            if not ready and self.conn is None and not self.woken and self.error is None:
-                self.error = PoolTimeout(f"couldn't get a connection after {timeout:.2f} sec")
-        if self.error is not None:
-            raise self.error
-        return self.conn
-
-    def cancel(self, error: BaseException) -> PooledConnection | None:
-        """Stop waiting (``wait()`` was interrupted); returns a connection handed over meanwhile."""
-        with self._mutex:
-            if self.conn is None and self.error is None and not self.woken:
-                self.error = error
-            return self.conn
-
-    def _settle(self, conn: PooledConnection | None, error: BaseException | None) -> bool:
-        with self._mutex:
-            if self.conn is not None or self.error is not None or self.woken:
-                return False
-            if conn is not None:
-                self.conn = conn
-            elif error is not None:
-                self.error = error
-            else:
-                self.woken = True
-        self._ready.release()
-        return True
-
-    def set(self, conn: PooledConnection) -> bool:
-        return self._settle(conn, None)
-
-    def fail(self, error: Exception) -> bool:
-        return self._settle(None, error)
-
-    def wake(self) -> bool:
-        return self._settle(None, None)
 
 
 class PooledConnection(psycopg.Connection[Any]):
@@ -288,7 +218,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         self._take_back(conn)
         self.putconn(conn)
 
-    def park(self, conn: PooledConnection, *, first_come: bool = False) -> bool:
+    def park(self, conn: PooledConnection) -> bool:
         """Take ``conn`` back, but keep it for its borrower's next :meth:`unpark`.
 
         Request-scoped release: the thread that returns a connection at the
@@ -302,16 +232,6 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         one; and the housekeeping thread puts back in the queue a connection
         parked for more than ``PARK_SECONDS`` (see :meth:`housekeep`).
 
-        When other borrowers are waiting, the connection is not parked.
-        psycopg_pool hands it to the first of them, which holds it from then
-        on, also while it wakes up and waits for the interpreter's lock.
-        With ``first_come`` (transaction-scoped release, where that takes
-        longer than the statement the connection is needed for), it goes
-        to the idle queue instead, for whichever borrower asks first, and
-        the first waiter is woken to ask.  A waiter that then finds nothing
-        is first in line again and is handed the next connection that comes
-        back (see :meth:`_getconn_unchecked`): none is passed over twice.
-
         Returns False when the connection went back to the queue instead:
         other requests are waiting (they get it now), or it is broken,
         expired or the pool closed.
@@ -319,30 +239,18 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         self._take_back(conn)
         now = conn._dpb_last_ok
         status = conn.pgconn.transaction_status
+        parked = False
         if (status == TransactionStatus.IDLE or conn._dpb_reset_pending) and (
             getattr(conn, "_expire_at", now + 1) > now
         ):
             with self._lock:
-                waiting = self._waiting
-                if not waiting and not self._closed:
+                if not self._waiting and not self._closed:
                     conn._dpb_parked_at = now
                     self.parked[id(conn)] = conn
-                    return True
-                if (
-                    first_come
-                    and waiting
-                    and not getattr(waiting[0], "lost", True)
-                    and not self._closed
-                    and getattr(conn, "_created_at", now) > getattr(self, "_drained_at", 0.0)
-                ):
-                    # What _add_to_pool() does, except who gets it.
-                    conn._pool = None
-                    self._pool.append(conn)
-                    while waiting and not waiting.popleft().wake():  # type: ignore[attr-defined]
-                        pass  # it timed out meanwhile
-                    return False
-        self.putconn(conn)
-        return False
+                    parked = True
+        if not parked:
+            self.putconn(conn)
+        return parked
 
     def unpark(
         self, conn: PooledConnection, owner: object | None = None, *, locate: bool = False
@@ -439,45 +347,6 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             self.counters.resets += 1  # stats
         elif conn.read_only is not None or conn.deferrable is not None:
             reset.forget_transaction_options(conn)
-
-    def _getconn_unchecked(self, timeout: float) -> PooledConnection:
-        # psycopg_pool's, with a waiter that may be woken to look again (see
-        # park()).  Called by getconn(), which checks the connection next.
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            conn = self._get_ready_connection(timeout)
-            if conn is None:
-                queued_at = time.monotonic()
-                pos = _Waiter()
-                self._waiting.append(pos)
-                self._stats[self._REQUESTS_QUEUED] += 1
-                self._maybe_grow_pool()
-        if conn is None:
-            try:
-                while (conn := pos.wait(deadline - time.monotonic())) is None:
-                    # Woken: a connection went to the idle queue.  Someone
-                    # may have taken it first; then wait again, first in line.
-                    with self._lock:
-                        if self._closed:
-                            raise PoolClosed(f"the pool {self.name!r} is closed")
-                        if self._pool or self.parked:
-                            conn = self._get_ready_connection(deadline - time.monotonic())
-                            if conn is not None:
-                                break
-                        pos = _Waiter(lost=True)
-                        self._waiting.appendleft(pos)
-            except BaseException as exc:
-                handed = pos.cancel(exc)
-                if handed is not None:
-                    self._putconn(handed, from_getconn=True)
-                self._stats[self._REQUESTS_ERRORS] += 1
-                raise
-            finally:
-                self._stats[self._REQUESTS_WAIT_MS] += int(1000.0 * (time.monotonic() - queued_at))
-        assert conn is not None
-        # As psycopg_pool: it belongs to the pool while lent out.
-        conn._pool = self
-        return conn
 
     def _get_ready_connection(self, timeout: float | None) -> PooledConnection | None:
         # Last in, first out (psycopg_pool lends the connection idle the
