@@ -232,4 +232,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from testproject.shutdown import exit_on_sigterm
+
+    exit_on_sigterm()  # a kill still stops what the run started
     sys.exit(main())

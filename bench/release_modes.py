@@ -497,4 +497,7 @@ def table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> str:
 
 
 if __name__ == "__main__":
+    from testproject.shutdown import exit_on_sigterm
+
+    exit_on_sigterm()  # a kill still stops what the run started
     sys.exit(main())

@@ -377,4 +377,7 @@ def _run(
 
 
 if __name__ == "__main__":
+    from testproject.shutdown import exit_on_sigterm
+
+    exit_on_sigterm()  # a kill still stops what the run started
     sys.exit(main())

@@ -122,7 +122,9 @@ def main() -> int:
 
     sys.path.insert(0, str(ROOT))
     from testproject import pgserver
+    from testproject.shutdown import exit_on_sigterm
 
+    exit_on_sigterm()  # a kill still stops the embedded server this run started
     pgserver.database_url("testproject")  # starts the embedded server if needed
     base = (
         args.base

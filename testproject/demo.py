@@ -119,7 +119,11 @@ class Load:
 
     def run(self) -> None:
         started = time.monotonic()
-        threads = [threading.Thread(target=self.client, args=(n,)) for n in range(self.clients)]
+        # Daemons: a demo stopped by Ctrl-C or SIGTERM does not wait for them.
+        threads = [
+            threading.Thread(target=self.client, args=(n,), daemon=True)
+            for n in range(self.clients)
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                     peak[app] = max(peak.get(app, 0), count)
                 time.sleep(0.2)
 
-        sampler = threading.Thread(target=sample)
+        sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
         # An operator's look from another shell while the load runs (the
         # load goes on until both commands have answered).
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 load.hold.set()
 
-        looker = threading.Thread(target=look)
+        looker = threading.Thread(target=look, daemon=True)
         looker.start()
         load.run()
         looker.join()
@@ -260,4 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from testproject.shutdown import exit_on_sigterm
+
+    exit_on_sigterm()  # a kill still stops what the run started
     sys.exit(main())

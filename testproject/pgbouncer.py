@@ -163,13 +163,18 @@ def start(
     )
     bouncer = PgBouncer(process, "127.0.0.1", port, user, password, directory, version(executable))
     deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return bouncer
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                log = bouncer.log()
-                bouncer.stop()
-                raise RuntimeError(f"PgBouncer did not start:\n{log[-4000:]}") from None
-            time.sleep(0.05)
+    try:
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return bouncer
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    log = bouncer.log()
+                    raise RuntimeError(f"PgBouncer did not start:\n{log[-4000:]}") from None
+                time.sleep(0.05)
+    except BaseException:
+        # Did not start, or the caller was interrupted (Ctrl-C, SIGTERM) first:
+        # nobody else can stop it.
+        bouncer.stop()
+        raise

@@ -6,16 +6,20 @@ on a quiet machine (see docs/benchmarks.rst).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
+
+from testproject import pgbouncer as bouncer
 
 from .conftest import admin_dsn
 
@@ -28,6 +32,16 @@ STRATEGIES = ("persistent", "pooled", "pooled-transaction")
 pytestmark = pytest.mark.slow
 
 
+def drop_database(db: str) -> None:
+    with psycopg.connect(admin_dsn(), autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
+
+
+def url_of(db: str) -> str:
+    """``DATABASE_URL``, for database ``db`` of the same server."""
+    return os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + db
+
+
 def run_with_own_database(
     db: str, script: str, *args: str, create: bool = False
 ) -> subprocess.CompletedProcess[str]:
@@ -36,27 +50,21 @@ def run_with_own_database(
     ``create``: create ``db`` first (``bench/run.py`` and ``profile_borrow.py``
     create theirs; ``release_modes.py`` migrates the one it is given).
     """
-
-    def drop(admin: psycopg.Connection[Any]) -> None:
-        admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
-
     if create:
+        drop_database(db)
         with psycopg.connect(admin_dsn(), autocommit=True) as admin:
-            drop(admin)
             admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
-    url = os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + db
     try:
         return subprocess.run(
             [sys.executable, script, *args],
             cwd=ROOT,
-            env={**os.environ, "DATABASE_URL": url},
+            env={**os.environ, "DATABASE_URL": url_of(db)},
             capture_output=True,
             text=True,
             timeout=300,
         )
     finally:
-        with psycopg.connect(admin_dsn(), autocommit=True) as admin:
-            drop(admin)
+        drop_database(db)
 
 
 def test_quick_run_writes_every_cell_without_errors(tmp_path: Path) -> None:
@@ -231,3 +239,52 @@ def test_profile_borrow_times_and_profiles_the_borrow_path() -> None:
         rows = [line.split() for line in path.split("\n\n")[0].splitlines()]
         calls = {row[0]: float(row[1]) for row in rows if len(row) == 4 and ":" in row[0]}
         assert calls["pool.py:_check_borrowed"] == 1.0, out
+
+
+def test_a_run_killed_with_sigterm_stops_the_pgbouncer_it_started() -> None:
+    if bouncer.find() is None:
+        message = "pgbouncer is not installed: apt-get install -y pgbouncer (.ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    db = "dpb_bench_killed"
+    before = set(bouncer.WORK_DIR.glob("pgbouncer-*"))
+    # Long enough to be killed in the middle (it never gets to write a report).
+    args = ["--strategies", "pgbouncer-persistent", "--workloads", "a", "--threads", "1"]
+    args += ["--reps", "100", "--paired-rounds", "0", "--output-dir", "/nonexistent"]
+    run = subprocess.Popen(
+        [sys.executable, "bench/run.py", *args],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": url_of(db)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        pidfiles: list[Path] = []
+        while not pidfiles:
+            assert run.poll() is None, run.communicate()[0]
+            assert time.monotonic() < deadline, "PgBouncer did not start within 60 s"
+            time.sleep(0.1)
+            new = set(bouncer.WORK_DIR.glob("pgbouncer-*")) - before
+            pidfiles = [d / "pgbouncer.pid" for d in new if (d / "pgbouncer.pid").exists()]
+        (pidfile,) = pidfiles
+        pid = int(pidfile.read_text())
+        os.kill(pid, 0)  # running
+
+        run.send_signal(signal.SIGTERM)
+        out = run.communicate(timeout=60)[0]
+        # Ended through its cleanup, as by Ctrl-C: PgBouncer stopped, its files gone.
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        assert not pidfile.parent.exists(), out
+        assert run.returncode == 128 + signal.SIGTERM, out
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)
+        for left in set(bouncer.WORK_DIR.glob("pgbouncer-*")) - before:
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int((left / "pgbouncer.pid").read_text()), signal.SIGTERM)
+        drop_database(db)
