@@ -34,6 +34,17 @@ only_request_mode = pytest.mark.skipif(
 )
 
 
+def require_pgbouncer() -> None:
+    """Skip the calling test when PgBouncer is not installed; in CI (``CI`` set), fail it."""
+    from testproject import pgbouncer
+
+    if pgbouncer.find() is None:
+        message = "pgbouncer is not installed: apt-get install -y pgbouncer (.ci/run does)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 def pooled(options: Any = True) -> Any:
     """Pool options for this backend, in the suite's release mode unless they name one."""
     if not TRANSACTION_MODE or options is False or options is None:

@@ -21,7 +21,7 @@ from psycopg import sql
 
 from testproject import pgbouncer as bouncer
 
-from .conftest import admin_dsn
+from .conftest import admin_dsn, require_pgbouncer
 
 ROOT = Path(__file__).resolve().parent.parent
 DB = "dpb_bench_smoke"
@@ -242,11 +242,7 @@ def test_profile_borrow_times_and_profiles_the_borrow_path() -> None:
 
 
 def test_a_run_killed_with_sigterm_stops_the_pgbouncer_it_started() -> None:
-    if bouncer.find() is None:
-        message = "pgbouncer is not installed: apt-get install -y pgbouncer (.ci/run does)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_pgbouncer()
     db = "dpb_bench_killed"
     before = set(bouncer.WORK_DIR.glob("pgbouncer-*"))
     # Long enough to be killed in the middle (it never gets to write a report).

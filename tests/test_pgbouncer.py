@@ -20,7 +20,7 @@ from django_pooled_backend import signals
 from testproject import pgbouncer
 from testproject.shop.models import Item
 
-from .conftest import Wrappers, only_request_mode
+from .conftest import Wrappers, only_request_mode, require_pgbouncer
 from .test_pooling import request_cycle
 
 pytestmark = pytest.mark.slow
@@ -30,11 +30,7 @@ BEHIND = {"transaction_pooling": True}
 
 @pytest.fixture(scope="module")
 def bouncer() -> Iterator[pgbouncer.PgBouncer]:
-    if pgbouncer.find() is None:
-        message = "pgbouncer is not installed: apt-get install -y pgbouncer (.ci/run does)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+    require_pgbouncer()
     running = pgbouncer.start(os.environ["DATABASE_URL"], pool_mode="transaction")
     try:
         yield running
