@@ -25,6 +25,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db import OperationalError
 from django.db.backends import utils
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql import base as postgresql
@@ -248,6 +249,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     @async_unsafe
     def connect(self) -> None:
+        if self.connection is not None and self.is_pooled:
+            # connect() on an open object (Django's LiveServerThread does
+            # it) replaces its connection: the old one goes back to the
+            # pool, where stock Django would let it be closed.
+            self._close()
         lender = self._released_from
         if lender is not None:
             self._released_from = None
@@ -355,7 +361,15 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 self._release_enabled = True
 
     def _release_if_idle(self) -> None:
-        """Give the connection back now if no transaction or server-side cursor needs it."""
+        """Give the connection back now if no transaction, cursor or session state needs it.
+
+        A statement that may have changed the session (``SET``, a temporary
+        table, ``PREPARE``, ``LISTEN``, an advisory lock: whatever the
+        statement judge cannot prove harmless, see session.py) *pins* the
+        connection: it stays with this object until it is closed, at the
+        end of the request, so that this object keeps its own session
+        state and no other borrower sees it.
+        """
         conn = self.connection
         if (
             conn is not None
@@ -363,6 +377,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             and self.autocommit
             and not self.in_atomic_block
             and not self._server_cursors
+            and not conn._dpb_stateful
+            and conn._dpb_judge is not None
             and conn.pgconn.transaction_status in _RELEASABLE
         ):
             self.connection = None
@@ -388,6 +404,35 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return self.autocommit
         return super().get_autocommit()
 
+    def ensure_connection(self) -> None:
+        conn = self.connection
+        if conn is not None and getattr(conn, "_dpb_revoked", None) is not None:
+            self._forget_revoked(conn, explain=True)
+        super().ensure_connection()
+
+    def _forget_revoked(self, conn: PooledConnection, *, explain: bool) -> None:
+        """Drop a connection the pool took back (see ``DjangoConnectionPool.revoke()``).
+
+        With ``explain``, raise OperationalError if the session state this
+        object had set up went with it: its next statement would otherwise
+        run without it (a ``SET`` undone, an advisory lock no longer held)
+        and nothing would say so.  The use after that borrows again.
+        """
+        self.connection = None
+        self._parked = None
+        revoked = conn._dpb_revoked
+        if explain and revoked is not None and revoked.lost_session_state:
+            options = self.pool_options
+            raise OperationalError(
+                f"The connection of database alias {self.alias!r} was taken back by the "
+                f"pool: {revoked.why}. Its session state (SET, temporary tables, prepared "
+                "statements, LISTEN, advisory locks or cursors WITH HOLD) went with it. "
+                "Close the connection when the work that needs that state is done, keep "
+                "that work inside atomic(), or raise OPTIONS['pool']['max_idle_lent'] "
+                f"(now {options.max_idle_lent if options else None!r}; None never takes a "
+                "lent connection back)."
+            )
+
     def close(self) -> None:  # Django's close() is @async_unsafe
         # A connection that went back between statements is closed too: the
         # next query connects in full (and sends connection_created).
@@ -400,6 +445,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # statements counts as closed likewise, so that every request
         # starts with a full connect(), as in request-scoped release.
         self._released_from = None
+        conn = self.connection
+        if conn is not None and getattr(conn, "_dpb_revoked", None) is not None:
+            # Taken back by the pool: at a request boundary, its loss is
+            # nothing to report (the request's session state ends here).
+            self._forget_revoked(conn, explain=False)
         super().close_if_unusable_or_obsolete()
 
     def make_cursor(self, cursor: Any) -> utils.CursorWrapper:
@@ -456,6 +506,10 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return
         conn = self.connection
         if conn is None:
+            return
+        if conn._dpb_revoked is not None:
+            # Already taken back by the pool: nothing to give back.
+            self._forget_revoked(conn, explain=False)
             return
         # Whatever happens next, this wrapper no longer owns the connection.
         self.connection = None

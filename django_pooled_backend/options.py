@@ -61,6 +61,9 @@ class PoolOptions:
     check: CheckMode = "auto"
     check_after: float = 0.5
     leak_threshold: float | None = None
+    # A lent connection left unused outside a transaction this long (seconds)
+    # is taken back; None never takes one back (see pool.take_back_idle()).
+    max_idle_lent: float | None = 5.0
     release: ReleaseMode = "request"
     # Read by the system checks only (docs/checks.rst).
     transaction_pooling: bool = False
@@ -239,6 +242,20 @@ def parse_pool_options(alias: str, raw: object, *, where: Where | None = None) -
             "or None to disable leak detection.",
         ),
     )
+
+    _put(
+        values,
+        r,
+        "max_idle_lent",
+        r.seconds(
+            "max_idle_lent",
+            allow_none=True,
+            fix="Use a positive number of seconds, for example 5, or None to never take "
+            "back a lent connection that its borrower leaves unused.",
+        ),
+    )
+    if "max_idle_lent" in raw and raw["max_idle_lent"] is None:
+        values["max_idle_lent"] = None
 
     if "name" in raw:
         if not isinstance(raw["name"], str) or not raw["name"]:

@@ -16,6 +16,7 @@ import logging
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -64,6 +65,16 @@ class _Goodbye:
             self.message = diag.message_primary or diag.severity_nonlocalized
 
 
+@dataclass(frozen=True)
+class Revoked:
+    """Why a pool took a connection back from a borrower that could still use it."""
+
+    why: str
+    # The borrower had changed the session (SET, temporary tables, advisory
+    # locks...): that state is gone, which its next use must be told.
+    lost_session_state: bool
+
+
 class PooledConnection(psycopg.Connection[Any]):
     """A psycopg connection with the pool's bookkeeping attached."""
 
@@ -71,8 +82,12 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpb_last_ok: float = 0.0
     # A reset query was sent and its answer has not been read yet.
     _dpb_reset_pending: bool = False
-    # The borrower ran something that may have changed session state.
+    # The session needs a reset before the next borrower: a statement may
+    # have changed its state, or a cursor WITH HOLD was declared.
     _dpb_dirty: bool = False
+    # A statement may have changed session state that the borrower's later
+    # statements rely on: transaction-scoped release pins the connection.
+    _dpb_stateful: bool = False
     # Notes the error a server sends outside a query before it closes the connection.
     _dpb_goodbye: _Goodbye | None = None
     # Judges the statements run on this connection (None: every one dirties).
@@ -99,6 +114,13 @@ class PooledConnection(psycopg.Connection[Any]):
     _dpb_announced: bool = False
     # Time (monotonic) it was parked (see DjangoConnectionPool.park()).
     _dpb_parked_at: float = 0.0
+    # A statement ran since the housekeeping thread last looked (see
+    # DjangoConnectionPool.take_back_idle()); set by the cursor classes.
+    _dpb_active: bool = False
+    # Set when the pool took the connection back from a borrower that is
+    # still alive (see DjangoConnectionPool.revoke()): the connection is
+    # closed, and this says why, for the borrower's next use.
+    _dpb_revoked: Revoked | None = None
 
 
 class DjangoConnectionPool(ConnectionPool[PooledConnection]):
@@ -116,9 +138,10 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         judge: StatementJudge | None = None,
     ) -> None:
         self.alias = alias
-        # Judges statements for the "auto" reset; None when the cursor class
-        # is the user's own, so that nothing can be judged.
-        self.judge = judge if options.reset == "auto" else None
+        # Judges statements, for the "auto" reset and for pinning in
+        # transaction-scoped release; None when the cursor class is the
+        # user's own, so that nothing can be judged (every borrow is dirty).
+        self.judge = judge
         # Django's IsolationLevel and psycopg's share values, not a type.
         self._isolation_level = (
             None if isolation_level is None else psycopg.IsolationLevel(isolation_level)
@@ -338,15 +361,14 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             conn.autocommit = True
         if conn.isolation_level != self.isolation_level:
             conn.isolation_level = self._isolation_level
-        if self.options.reset != "never" and (
-            self.options.reset == "always" or conn._dpb_dirty or self.judge is None
-        ):
+        mode = self.options.reset
+        if mode == "always" or (mode == "auto" and (conn._dpb_dirty or self.judge is None)):
             reset.send_reset(conn, self._reset_query_for(conn))
             conn._dpb_reset_pending = True
-            conn._dpb_dirty = False
             self.counters.resets += 1  # stats
         elif conn.read_only is not None or conn.deferrable is not None:
             reset.forget_transaction_options(conn)
+        conn._dpb_dirty = conn._dpb_stateful = False
 
     def _get_ready_connection(self, timeout: float | None) -> PooledConnection | None:
         # Last in, first out (psycopg_pool lends the connection idle the
@@ -437,37 +459,155 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         registry.wake_housekeeper()
 
     def reclaim_orphans(self) -> int:
-        """Take back connections whose borrower can no longer return them."""
+        """Take back connections whose borrower can no longer use them.
+
+        A borrower is gone when its Django connection object was
+        garbage-collected, or when the thread that borrowed has ended and
+        the object is not shared with other threads
+        (``inc_thread_sharing()``): Django refuses to let another thread use
+        it.  A shared object that is still alive may be used by any thread,
+        so its connection stays with it (``max_idle_lent`` takes it back
+        once it is left unused, see :meth:`take_back_idle`).
+        """
         reclaimed = 0
-        for key, holder in list(self.holders.items()):
+        for holder in list(self.holders.values()):
             why = holder.orphaned()
             if why is None:
                 continue
-            taken = self.holders.pop(key, None)
-            if taken is not holder:
-                # Returned and lent again in the meantime: not ours to take.
-                if taken is not None:
-                    self.holders[key] = taken
+            owner = holder.owner() if holder.owner is not None else None
+            if owner is not None and owner.allow_thread_sharing:
                 continue
-            where = (
-                holder.where_text()
-                if holder.located
-                else "a place not recorded (a connection borrowed at the start of a "
-                "request; set leak_threshold to record every borrow)"
-            )
-            logger.warning(
-                "Reclaimed a connection of pool %r: %s without closing it, %.1fs after "
-                "borrowing it at %s. Close connections in threads that do not run "
-                "inside a request (django.db.connection.close()).",
-                self.name,
-                why,
-                holder.held_for(),
-                where,
-            )
+            if owner is not None and owner._thread_ident != holder.thread.ident:
+                # Made by another thread, which may still use it: the
+                # connection must never reach it again once lent to others.
+                if self.revoke(holder, why, idle_only=False):
+                    reclaimed += 1
+                    self._log_reclaim(holder, why)
+                continue
+            if not self._take_from_holder(holder):
+                continue
+            if owner is not None and owner.connection is holder.conn:
+                # Nothing else may use this object (see above); should it be
+                # used anyway, it connects again rather than touch a
+                # connection lent to someone else.
+                owner.connection = None
+            self._log_reclaim(holder, why)
             self.counters.reclaims += 1  # stats
-            self.give_back(holder.conn)
+            self.putconn(holder.conn)
             reclaimed += 1
         return reclaimed
+
+    def _take_from_holder(self, holder: Holder) -> bool:
+        """Remove ``holder`` and start its connection's return, unless a statement runs on it.
+
+        A statement running means someone still uses the connection (a
+        cursor of the dead thread handed to another, a query started by
+        another thread on a shared object): closing its socket under it
+        would leave that thread waiting forever for an answer.
+        """
+        conn = holder.conn
+        if not conn.lock.acquire(blocking=False):
+            return False
+        try:
+            if conn.pgconn.transaction_status == TransactionStatus.ACTIVE:
+                return False
+            if self.holders.get(id(conn)) is not holder:
+                return False  # returned meanwhile
+        finally:
+            conn.lock.release()
+        # Not under the lock: the return may roll back, which takes it.
+        self._take_back(conn)
+        return True
+
+    def revoke(self, holder: Holder, why: str, *, idle_only: bool = True) -> bool:
+        """Take a connection back from a borrower that may still hold a reference to it.
+
+        The connection is closed, not lent again: whatever the borrower
+        kept (its Django connection object, a psycopg cursor, a local
+        variable) can then never run a statement on a session lent to
+        someone else; psycopg_pool opens a connection in its place.  The
+        Django connection object borrows again at its next use (see
+        ``DatabaseWrapper.ensure_connection()``).  With ``idle_only``, only
+        a connection outside any transaction is taken.  Returns whether it
+        was taken.
+        """
+        conn = holder.conn
+        if not conn.lock.acquire(blocking=False):
+            return False  # a statement is running
+        try:
+            status = conn.pgconn.transaction_status
+            if status == TransactionStatus.ACTIVE:
+                return False
+            owner = holder.owner() if holder.owner is not None else None
+            if idle_only and (
+                status != TransactionStatus.IDLE
+                or (owner is not None and (owner.in_atomic_block or not owner.autocommit))
+            ):
+                return False
+            if self.holders.get(id(conn)) is not holder:
+                return False  # returned meanwhile
+            del self.holders[id(conn)]
+            conn._dpb_revoked = Revoked(why, conn._dpb_dirty)
+            conn._dpb_discard_reason = f"taken back: {why}"  # signals
+            conn.close()
+        finally:
+            conn.lock.release()
+        self.counters.reclaims += 1  # stats
+        self.putconn(conn)  # psycopg_pool replaces a closed connection
+        return True
+
+    def take_back_idle(self, now: float) -> int:
+        """Take back lent connections left unused outside a transaction for ``max_idle_lent``.
+
+        A thread that is not a request (an executor of ``sync_to_async``, a
+        worker loop) may keep its Django connection object, and so a
+        connection, for as long as it lives.  A statement sets the
+        connection's ``_dpb_active``; the housekeeping thread clears it and
+        notes when it last saw it set.
+        """
+        bound = self.options.max_idle_lent
+        if bound is None:
+            return 0
+        taken = 0
+        for holder in list(self.holders.values()):
+            conn = holder.conn
+            if conn._dpb_active:
+                conn._dpb_active = False
+                holder.quiet_since = now
+                continue
+            quiet = now - max(holder.since, holder.quiet_since)
+            if quiet < bound:
+                continue
+            why = (
+                f"left unused outside a transaction for {quiet:.1f}s (max_idle_lent is {bound:g}s)"
+            )
+            if self.revoke(holder, why):
+                taken += 1
+                logger.info(
+                    "Took back a connection of pool %r from thread %s: %s. Its Django "
+                    "connection object borrows again at its next use.",
+                    self.name,
+                    holder.thread.name,
+                    why,
+                )
+        return taken
+
+    def _log_reclaim(self, holder: Holder, why: str) -> None:
+        where = (
+            holder.where_text()
+            if holder.located
+            else "a place not recorded (a connection borrowed at the start of a "
+            "request; set leak_threshold to record every borrow)"
+        )
+        logger.warning(
+            "Reclaimed a connection of pool %r: %s without closing it, %.1fs after "
+            "borrowing it at %s. Close connections in threads that do not run "
+            "inside a request (django.db.connection.close()).",
+            self.name,
+            why,
+            holder.held_for(),
+            where,
+        )
 
     def report_leaks(self, now: float) -> int:
         """Warn (once per borrow) about connections held past ``leak_threshold``."""
@@ -495,6 +635,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
     def housekeep(self, now: float) -> None:
         """Periodic work, run by the registry's housekeeping thread."""
         self.reclaim_orphans()
+        self.take_back_idle(now)
         self.report_leaks(now)
         self.return_parked(now - PARK_SECONDS)
 
@@ -530,7 +671,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 # Until it knows the server, the judge finds every statement dirty.
                 logger.warning("Pool %r could not read the server's catalog: %s", self.name, exc)
         conn._dpb_judge = judge
-        conn._dpb_dirty = False
+        conn._dpb_dirty = conn._dpb_stateful = False
         conn._dpb_last_ok = time.monotonic()
 
     def _connect(self, timeout: float | None = None) -> PooledConnection:
@@ -593,15 +734,23 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             size = self._nconns
             idle = len(self._pool) + len(self.parked)
             waiting = len(self._waiting)
+        holders = list(self.holders.values())
         return {
             "min": self.min_size,
             "max": self.max_size,
             "size": size,
             "idle": idle,
             # Not size - idle: size also counts connections being opened.
-            "lent": len(self.holders),
+            "lent": len(holders),
+            "pinned": self.count_pinned(holders),
             "waiting": waiting,
         }
+
+    def count_pinned(self, holders: list[Holder]) -> int:
+        """How many of ``holders`` keep their connection for session state (see release.py)."""
+        if self.options.release != "transaction":
+            return 0
+        return sum(1 for h in holders if h.conn._dpb_stateful or self.judge is None)
 
     def describe_failure(self, what: str) -> str:
         """A message for a failed borrow: what happened, the state, the holders, the fix."""
@@ -611,7 +760,8 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         lines = [
             f"Could not get a connection from the pool of database alias "
             f"{self.alias!r} ({self.label}): {what}. Pool state: size {s['size']} "
-            f"of max {s['max']}, {s['lent']} lent out, {s['idle']} idle, "
+            f"of max {s['max']}, {s['lent']} lent out"
+            f"{f' ({pinned} pinned)' if (pinned := s['pinned']) else ''}, {s['idle']} idle, "
             f"{s['waiting']} waiting."
         ]
         if self.last_connect_error:

@@ -46,7 +46,7 @@ COUNTERS = (
     "leaks",
     "reclaims",
 )
-GAUGES = ("min_size", "max_size", "size", "idle", "lent", "waiting")
+GAUGES = ("min_size", "max_size", "size", "idle", "lent", "pinned", "waiting")
 
 
 class TotalWait(TypedDict):
@@ -124,7 +124,8 @@ def totals(report: Report) -> list[dict[str, Any]]:
             }
         total["processes"] += 1
         for key in (*GAUGES, *COUNTERS):
-            total[key] += pool[key]  # type: ignore[literal-required]
+            # .get(): a snapshot of an older release may lack a newer gauge.
+            total[key] += pool.get(key, 0)
         wait = pool["wait"]
         if wait["window"] and wait["mean_ms"] is not None:
             total["_wait_sum"] += wait["mean_ms"] * wait["window"]
@@ -242,6 +243,12 @@ _POOL_METRICS = (
     ("pool_size", "size", "gauge", "Connections open or being opened."),
     ("connections_idle", "idle", "gauge", "Connections waiting in the pool to be lent."),
     ("connections_lent", "lent", "gauge", "Connections lent out to requests now."),
+    (
+        "connections_pinned",
+        "pinned",
+        "gauge",
+        "Lent connections kept for their borrower's session state (release='transaction').",
+    ),
     ("requests_waiting", "waiting", "gauge", "Requests waiting for a connection now."),
     ("requests_total", "requests", "counter", "Connections asked for (borrows)."),
     ("requests_served_total", "requests_served", "counter", "Borrows that got a connection."),
@@ -255,7 +262,12 @@ _POOL_METRICS = (
     ("resets_total", "resets", "counter", "Session resets started on return."),
     ("resets_failed_total", "resets_failed", "counter", "Session resets that failed."),
     ("leaks_total", "leaks", "counter", "Connections reported as leaked."),
-    ("reclaims_total", "reclaims", "counter", "Connections reclaimed from dead threads."),
+    (
+        "reclaims_total",
+        "reclaims",
+        "counter",
+        "Connections taken back from dead threads or left unused (max_idle_lent).",
+    ),
 )
 
 
@@ -309,7 +321,7 @@ def render_prometheus(report: Report) -> str:
             name,
             kind,
             help_text,
-            [(pool_labels(p, pool), pool[key]) for p, pool in rows],  # type: ignore[literal-required]
+            [(pool_labels(p, pool), pool.get(key, 0)) for p, pool in rows],  # type: ignore[misc]
         )
     family(
         "wait_recent_seconds",
@@ -398,6 +410,7 @@ def render_text(report: Report, max_wait: float = DEFAULT_MAX_WAIT) -> str:
                 pool["min_size"],
                 pool["max_size"],
                 pool["lent"],
+                pool.get("pinned", 0),
                 pool["idle"],
                 pool["waiting"],
                 f"{holder['held_s']:.1f}s {holder['thread']} at {holder['where']}"
@@ -417,13 +430,14 @@ def render_text(report: Report, max_wait: float = DEFAULT_MAX_WAIT) -> str:
                     t["min_size"],
                     t["max_size"],
                     t["lent"],
+                    t["pinned"],
                     t["idle"],
                     t["waiting"],
                     "-" if t["oldest_holder_s"] is None else f"{t['oldest_holder_s']:.1f}s",
                 ]
             )
-    headers = ["PID", "PROGRAM", "ALIAS", "UPDATED", "SIZE", "MIN", "MAX", "LENT", "IDLE"]
-    lines += table([*headers, "WAITING", "OLDEST HOLDER"], now_rows, "lllrrrrrrrl")
+    headers = ["PID", "PROGRAM", "ALIAS", "UPDATED", "SIZE", "MIN", "MAX", "LENT", "PINNED"]
+    lines += table([*headers, "IDLE", "WAITING", "OLDEST HOLDER"], now_rows, "lllrrrrrrrrl")
 
     lines += ["", f"Requests (wait: time to get a connection, last {WAIT_WINDOW} borrows, ms)"]
     req_rows: list[list[object]] = []

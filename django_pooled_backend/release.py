@@ -61,6 +61,11 @@ class ReleasingCursorMixin:
         """Make sure the psycopg cursor is on the connection this wrapper's db holds now."""
         db = self.db
         cursor = self.cursor
+        conn = db.connection
+        if conn is not None and conn._dpb_revoked is not None:
+            # Taken back by the pool while pinned (see max_idle_lent):
+            # ensure_connection() says what was lost, or borrows again.
+            db.ensure_connection()
         if cursor.connection is db.connection or cursor.closed or self._server_ref is not None:
             # Already there; or closed, which psycopg reports when it is used
             # (as with request-scoped release); or server-side, which keeps
@@ -109,12 +114,14 @@ class ReleasingCursorMixin:
     # The test is inline because it runs for every statement; _bind() only
     # when the connection went back.
     def _execute(self, sql: Any, params: Any, *args: Any) -> Any:
-        if self.cursor.connection is not self.db.connection:
+        conn = self.db.connection
+        if self.cursor.connection is not conn or conn._dpb_revoked is not None:
             self._bind()
         return super()._execute(sql, params, *args)  # type: ignore[misc]
 
     def _executemany(self, sql: Any, param_list: Any, *args: Any) -> Any:
-        if self.cursor.connection is not self.db.connection:
+        conn = self.db.connection
+        if self.cursor.connection is not conn or conn._dpb_revoked is not None:
             self._bind()
         return super()._executemany(sql, param_list, *args)  # type: ignore[misc]
 

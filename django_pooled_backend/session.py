@@ -39,7 +39,9 @@ if TYPE_CHECKING:
     from psycopg import Connection
 
 _CLEAN_START = re.compile(
-    r"\s*(?:SELECT|INSERT|UPDATE|DELETE|WITH|SAVEPOINT|RELEASE|ROLLBACK\s+TO)\b", re.IGNORECASE
+    r"\s*(?:SELECT|INSERT|UPDATE|DELETE|WITH|SAVEPOINT|RELEASE|ROLLBACK|BEGIN|COMMIT|END"
+    r"|START\s+TRANSACTION)\b",
+    re.IGNORECASE,
 )
 # "INTO table (" and "INTO schema.table (" open a column list, not a call.
 _INTO_TABLE = re.compile(
@@ -124,9 +126,11 @@ class StatementJudge:
 
 def _mark(cursor: Any, query: object) -> None:
     conn = cursor._conn
-    if not conn._dpb_dirty:
+    conn._dpb_active = True  # for max_idle_lent (see DjangoConnectionPool.take_back_idle())
+    if not conn._dpb_stateful:
         judge = conn._dpb_judge
-        conn._dpb_dirty = True if judge is None else judge.dirties(query)
+        if judge is None or judge.dirties(query):
+            conn._dpb_stateful = conn._dpb_dirty = True
 
 
 class _Tracking:
@@ -145,7 +149,7 @@ class _Tracking:
         return super().stream(query, params, **kwargs)  # type: ignore[misc]
 
     def copy(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
-        self._conn._dpb_dirty = True  # type: ignore[attr-defined]
+        _mark(self, statement)
         return super().copy(statement, params, **kwargs)  # type: ignore[misc]
 
 

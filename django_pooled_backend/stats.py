@@ -137,6 +137,7 @@ class PoolSnapshot(TypedDict):
     size: int
     idle: int
     lent: int
+    pinned: int
     waiting: int
     oldest_waiter_s: float | None
     requests: int
@@ -238,6 +239,7 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
         "idle": state["idle"],
         # Not size - idle: size also counts connections being opened.
         "lent": len(holders),
+        "pinned": pool.count_pinned(holders),
         "waiting": len(waiters),
         "oldest_waiter_s": oldest_waiter,
         "requests": requests,

@@ -61,6 +61,9 @@ class Holder:
     # taking back the connection it parked, see pool.py): then where_text()
     # tells where the thread is now.
     located: bool = True
+    # When the housekeeping thread last saw a statement run on the
+    # connection (monotonic; see DjangoConnectionPool.take_back_idle()).
+    quiet_since: float = 0.0
 
     def held_for(self, now: float | None = None) -> float:
         return (time.monotonic() if now is None else now) - self.since

@@ -15,6 +15,7 @@ urlpatterns = [
     path("items/<int:pk>/order/", views.write, name="write"),
     path("slow/", views.slow, name="slow"),
     path("whoami/", views.whoami, name="whoami"),
+    path("async/count/", views.count_async, name="count_async"),
     path("metrics/", metrics_view, name="metrics"),
     # gunicorn serves the testproject with no web server in front: the
     # admin's and the pool page's CSS and JavaScript come from the apps'

@@ -108,7 +108,7 @@ def in_thread(target: Callable[[], Any], name: str = "other") -> tuple[threading
 # -- statements outside transactions ----------------------------------------
 
 
-def test_the_connection_goes_back_after_each_statement_and_the_session_is_reset(
+def test_the_connection_goes_back_after_each_statement_and_a_changed_session_is_reset(
     aliases: Aliases, admin: psycopg.Connection[Any]
 ) -> None:
     alias = aliases("txn_basic", max_size=1)
@@ -117,10 +117,17 @@ def test_the_connection_goes_back_after_each_statement_and_the_session_is_reset(
     assert wrapper.connection is None
     assert not pool_of(alias).holders
     with wrapper.cursor() as cursor:
-        # A statement that changes the session: its connection needs a reset.
+        cursor.execute("SELECT 1")
+        assert wrapper.connection is None
+        # A statement that changes the session pins the connection to this
+        # object until it is closed...
         cursor.execute("SELECT set_config('app.tenant_id', 'x', false)")
+    assert wrapper.connection is not None
+    assert pool_of(alias).state()["pinned"] == 1
+    wrapper.close()
     assert wrapper.connection is None
-    # The server ran the pipelined reset when the connection came back.
+    assert pool_of(alias).state()["pinned"] == 0
+    # ...then the server ran the pipelined reset when the connection came back.
     assert wait_until(
         lambda: (
             admin.execute(
@@ -205,14 +212,18 @@ def test_executemany_callproc_copy_and_mogrify_after_a_release(
         assert wrapper.connection is None
         cursor.executemany(insert, [("many 1",), ("many 2",)])
         assert wrapper.connection is None
-        cursor.callproc("pg_backend_pid")
-        assert cursor.fetchone()[0] > 0
-        assert wrapper.connection is None
         assert cursor.mogrify("SELECT %s", ["it's"]) == "SELECT 'it''s'"
+        # A procedure, or COPY, may change the session: each pins the
+        # connection to this object until it is closed.
+        cursor.callproc("pg_backend_pid")
+        (pinned,) = cursor.fetchone()
+        assert wrapper.connection is not None
         with cursor.copy("COPY shop_item (name, quantity, created) FROM STDIN") as copy:
             copy.write_row(("copied", 0, "2026-01-01T00:00:00Z"))
-    # Closing the cursor gave back the connection the copy() borrowed.
-    assert wrapper.connection is None
+        cursor.execute("SELECT pg_backend_pid()")
+        assert cursor.fetchone() == (pinned,)
+    assert wrapper.connection is not None
+    wrapper.close()
     assert not pool_of(alias).holders
     with pytest.raises(InterfaceError, match="the cursor is closed"):
         cursor.execute("SELECT 1")  # closed stays closed, as with request-scoped release
@@ -220,16 +231,77 @@ def test_executemany_callproc_copy_and_mogrify_after_a_release(
     assert names == ["copied", "many 1", "many 2"]
 
 
-def test_a_set_outside_a_transaction_does_not_survive_the_statement(aliases: Aliases) -> None:
-    alias = aliases("txn_set", max_size=1)
+def test_a_set_outside_a_transaction_lasts_until_the_connection_is_closed_and_no_longer(
+    aliases: Aliases,
+) -> None:
+    alias = aliases("txn_set", max_size=2)
     with connections[alias].cursor() as cursor:
         cursor.execute("SET statement_timeout = 1234")
+        cursor.execute("SELECT count(*) FROM shop_item")
         cursor.execute("SHOW statement_timeout")
-        assert cursor.fetchone() == ("0",)
+        assert cursor.fetchone() == ("1234ms",)
         with transaction.atomic(using=alias):
-            cursor.execute("SET statement_timeout = 1234")
             cursor.execute("SHOW statement_timeout")
             assert cursor.fetchone() == ("1234ms",)
+        cursor.execute("SHOW statement_timeout")
+        assert cursor.fetchone() == ("1234ms",)
+    connections[alias].close()  # the end of the request
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SHOW statement_timeout")
+        assert cursor.fetchone() == ("0",)
+
+
+def test_session_state_works_across_statements_until_the_connection_is_closed(
+    aliases: Aliases,
+) -> None:
+    alias = aliases("txn_pinned", max_size=2)
+    wrapper = connections[alias]
+    with wrapper.cursor() as cursor:
+        cursor.execute("CREATE TEMP TABLE scratch (n int)")
+        cursor.execute("INSERT INTO scratch VALUES (1), (2)")
+        cursor.execute("PREPARE twice (int) AS SELECT $1 * 2")
+        cursor.execute("LISTEN pinned_channel")
+        cursor.execute("SELECT sum(n) FROM scratch")
+        assert cursor.fetchone() == (3,)
+        cursor.execute("EXECUTE twice (21)")
+        assert cursor.fetchone() == (42,)
+        cursor.execute("SELECT pg_listening_channels()")
+        assert cursor.fetchall() == [("pinned_channel",)]
+    assert pool_of(alias).state()["pinned"] == 1
+    wrapper.close()
+    assert pool_of(alias).state()["pinned"] == 0
+    assert not pool_of(alias).holders
+    with wrapper.cursor() as cursor:
+        cursor.execute(
+            "SELECT to_regclass('pg_temp.scratch'), count(*) FROM pg_prepared_statements"
+        )
+        assert cursor.fetchone() == (None, 0)
+    wrapper.close()
+
+
+def test_an_advisory_lock_outside_a_transaction_excludes_other_requests_until_closed(
+    aliases: Aliases,
+) -> None:
+    alias = aliases("txn_advisory", max_size=2)
+    with connections[alias].cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_lock(777)")
+        cursor.execute("SELECT count(*) FROM shop_item")  # more statements, same session
+
+    def try_lock() -> bool:
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT pg_try_advisory_lock(777)")
+            (got,) = cursor.fetchone()
+            if got:
+                cursor.execute("SELECT pg_advisory_unlock(777)")
+            return bool(got)
+
+    thread, outcome = in_thread(try_lock)
+    thread.join(10)
+    assert outcome == [False]  # held by this request, which still holds it
+    connections[alias].close()  # the end of the request: unlocked by the reset
+    thread, outcome = in_thread(try_lock)
+    thread.join(10)
+    assert outcome == [True]
 
 
 def test_the_next_borrower_sees_nothing_of_a_statement_outside_a_transaction(
@@ -239,6 +311,7 @@ def test_the_next_borrower_sees_nothing_of_a_statement_outside_a_transaction(
     with connections[alias].cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid(), set_config('app.tenant_id', 'acme', false)")
         (mine, _) = cursor.fetchone()
+    connections[alias].close()  # the end of the request: pinned until then
 
     def probe() -> tuple[int, str]:
         with connections[alias].cursor() as cursor:
@@ -533,7 +606,9 @@ def test_migrations_run_forwards_and_backwards(
     assert tables() == set()
     call_command("migrate", "shop", database=alias, verbosity=0)
     assert tables() == {"shop_item", "shop_order"}
-    assert connections[alias].connection is None
+    # DDL is not proven harmless to the session: pinned until closed.
+    assert pool_of(alias).state()["pinned"] == 1
+    connections[alias].close()
     assert not pool_of(alias).holders
 
 

@@ -561,8 +561,8 @@ def test_text_view_shows_each_process_and_totals(two_processes: Path) -> None:
     rows = [line.split() for line in lines if line.startswith((str(os.getpid()), "total"))]
     assert rows[0][0] == str(os.getpid())
     totals = [row for row in rows if row[0] == "total"]
-    # SIZE MIN MAX LENT IDLE WAITING in the first table, summed.
-    assert totals[0][2:8] == ["8", "2", "8", "8", "0", "4"]
+    # SIZE MIN MAX LENT PINNED IDLE WAITING in the first table, summed.
+    assert totals[0][2:9] == ["8", "2", "8", "8", "0", "0", "4"]
     assert "9.0s worker-1 at app/views.py:3 in v" in text
     assert "Problems:" in text
     assert "the pool is exhausted: all 4 connections are lent out and 2 requests" in text

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+from asgiref.sync import sync_to_async
 from django.db import connection, transaction
 from django.http import HttpRequest, JsonResponse
 from django.shortcuts import get_object_or_404
@@ -36,6 +37,17 @@ def slow(request: HttpRequest) -> JsonResponse:
         (pid,) = cursor.fetchone()
     time.sleep(ms / 1000)
     return JsonResponse({"backend_pid": pid, "slept_ms": ms})
+
+
+async def count_async(request: HttpRequest) -> JsonResponse:
+    """An async view whose ORM call runs in an executor thread, as ``thread_sensitive=False`` does.
+
+    Those threads outlive the request and never see its end: nothing closes
+    their connection objects (``?using=`` names the database alias).
+    """
+    using = request.GET.get("using", "default")
+    count = await sync_to_async(Item.objects.using(using).count, thread_sensitive=False)()
+    return JsonResponse({"count": count})
 
 
 def whoami(request: HttpRequest) -> JsonResponse:
