@@ -422,15 +422,14 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self._parked = None
         revoked = conn._dpb_revoked
         if explain and revoked is not None and revoked.lost_session_state:
-            options = self.pool_options
             raise OperationalError(
                 f"The connection of database alias {self.alias!r} was taken back by the "
                 f"pool: {revoked.why}. Its session state (SET, temporary tables, prepared "
-                "statements, LISTEN, advisory locks or cursors WITH HOLD) went with it. "
-                "Close the connection when the work that needs that state is done, keep "
-                "that work inside atomic(), or raise OPTIONS['pool']['max_idle_lent'] "
-                f"(now {options.max_idle_lent if options else None!r}; None never takes a "
-                "lent connection back)."
+                "statements, LISTEN, advisory locks or cursors WITH HOLD) went with it, so "
+                "this use is refused rather than run without it; the next use connects "
+                "again. Close a connection in the thread that borrowed it before that "
+                "thread ends, or keep the object shared (inc_thread_sharing()) while "
+                "other threads use it."
             )
 
     def close(self) -> None:  # Django's close() is @async_unsafe

@@ -480,7 +480,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             if owner is not None and owner._thread_ident != holder.thread.ident:
                 # Made by another thread, which may still use it: the
                 # connection must never reach it again once lent to others.
-                if self.revoke(holder, why, idle_only=False):
+                if self.revoke(holder, f"{why} without closing it", idle_only=False):
                     reclaimed += 1
                     self._log_reclaim(holder, why)
                 continue
@@ -528,8 +528,8 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         someone else; psycopg_pool opens a connection in its place.  The
         Django connection object borrows again at its next use (see
         ``DatabaseWrapper.ensure_connection()``).  With ``idle_only``, only
-        a connection outside any transaction is taken.  Returns whether it
-        was taken.
+        a connection outside any transaction, with its session unchanged,
+        is taken.  Returns whether it was taken.
         """
         conn = holder.conn
         if not conn.lock.acquire(blocking=False):
@@ -540,7 +540,8 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 return False
             owner = holder.owner() if holder.owner is not None else None
             if idle_only and (
-                status != TransactionStatus.IDLE
+                conn._dpb_dirty
+                or status != TransactionStatus.IDLE
                 or (owner is not None and (owner.in_atomic_block or not owner.autocommit))
             ):
                 return False
@@ -564,6 +565,12 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         connection, for as long as it lives.  A statement sets the
         connection's ``_dpb_active``; the housekeeping thread clears it and
         notes when it last saw it set.
+
+        Only a connection whose session is as the pool lent it: one that
+        carries session state (a ``SET``, an advisory lock, a temporary
+        table, a cursor ``WITH HOLD``) is its borrower's, which may rely on
+        it while idle (a process holding an advisory lock to be the only
+        one doing something); it is reported once, not taken.
         """
         bound = self.options.max_idle_lent
         if bound is None:
@@ -577,6 +584,21 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 continue
             quiet = now - max(holder.since, holder.quiet_since)
             if quiet < bound:
+                continue
+            if conn._dpb_dirty:
+                if not holder.idle_reported:
+                    holder.idle_reported = True
+                    logger.warning(
+                        "A connection of pool %r has been left unused outside a transaction "
+                        "by thread %s for %.1fs, but is not taken back (max_idle_lent is "
+                        "%gs): its session was changed (SET, an advisory lock, a temporary "
+                        "table...) and the thread may rely on that. Close the connection "
+                        "(django.db.connection.close()) when that state is no longer needed.",
+                        self.name,
+                        holder.thread.name,
+                        quiet,
+                        bound,
+                    )
                 continue
             why = (
                 f"left unused outside a transaction for {quiet:.1f}s (max_idle_lent is {bound:g}s)"

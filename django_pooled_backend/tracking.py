@@ -64,6 +64,8 @@ class Holder:
     # When the housekeeping thread last saw a statement run on the
     # connection (monotonic; see DjangoConnectionPool.take_back_idle()).
     quiet_since: float = 0.0
+    # Left unused past max_idle_lent with session state, and said so.
+    idle_reported: bool = False
 
     def held_for(self, now: float | None = None) -> float:
         return (time.monotonic() if now is None else now) - self.since

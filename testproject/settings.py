@@ -63,6 +63,7 @@ _pool = {
     "min_size": env.int("POOL_MIN_SIZE", default=1),
     "max_size": env.int("POOL_MAX_SIZE", default=10),
     "timeout": env.float("POOL_TIMEOUT", default=10.0),
+    "max_idle_lent": env.float("POOL_MAX_IDLE_LENT", default=5.0),
     # POOL_RELEASE=transaction runs the project (and the test suite) with
     # transaction-scoped release.
     "release": env.str("POOL_RELEASE", default="request"),

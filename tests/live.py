@@ -181,8 +181,13 @@ def serve(
     migrate: bool = False,
     gunicorn_args: Sequence[str] = (),
     extra_env: Mapping[str, str] | None = None,
+    asgi: bool = False,
 ) -> Iterator[Server]:
-    """gunicorn serving the testproject on database ``db`` (created anew, dropped after)."""
+    """gunicorn serving the testproject on database ``db`` (created anew, dropped after).
+
+    With ``asgi``, uvicorn serves its ASGI application instead, in one
+    process (``workers`` and ``threads`` do not apply).
+    """
     _recreate(db)
     url = database_url(db)
     env = {
@@ -213,28 +218,20 @@ def serve(
                 timeout=300,
             )
             assert done.returncode == 0, done.stderr
-        master = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "testproject.wsgi",
-                "--workers",
-                str(workers),
-                "--threads",
-                str(threads),
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--graceful-timeout",
-                "5",
-                "--log-level",
-                "warning",
-                *gunicorn_args,
-            ],
-            cwd=ROOT,
-            env=env,
-        )
-        wait_for(lambda: answers(port), timeout=60, what="gunicorn")
+        if asgi:
+            command = [
+                *("-m", "uvicorn", "testproject.asgi:application"),
+                *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
+            ]
+        else:
+            command = [
+                *("-m", "gunicorn", "testproject.wsgi"),
+                *("--workers", str(workers), "--threads", str(threads)),
+                *("--bind", f"127.0.0.1:{port}", "--graceful-timeout", "5"),
+                *("--log-level", "warning", *gunicorn_args),
+            ]
+        master = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env)
+        wait_for(lambda: answers(port), timeout=60, what=command[1])
         yield Server(port, master, directory, env, str(password))
     finally:
         if master is not None:

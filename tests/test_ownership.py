@@ -13,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import gc
+import logging
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -26,6 +28,7 @@ from django.test import AsyncClient
 from django_pooled_backend import registry
 from django_pooled_backend.pool import DjangoConnectionPool
 
+from . import live
 from .conftest import Wrappers, pooled
 from .test_liveness import backend_pid, wait_until
 
@@ -207,35 +210,66 @@ def test_a_connection_left_unused_by_a_live_thread_is_taken_back_and_borrowed_ag
     assert pool_of("idle_lent").counters.reclaims >= 1
 
 
-def test_session_state_taken_back_with_its_connection_is_reported_at_the_next_use(
-    make_wrapper: Wrappers, admin: psycopg.Connection[Any], idle_options: dict[str, Any]
+def test_a_connection_with_session_state_is_never_taken_back_but_reported(
+    make_wrapper: Wrappers,
+    admin: psycopg.Connection[Any],
+    idle_options: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="django_pooled_backend")
+
     class LockHolder(Worker):
+        # A process that holds an advisory lock to be the only one doing
+        # something, idle in between: the lock must stay held.
         def first(self, wrapper: Any) -> None:
             with wrapper.cursor() as cursor:
                 cursor.execute("SELECT pg_backend_pid(), pg_advisory_lock(4242)")
                 self.outcome["pid"] = cursor.fetchone()[0]
 
-        def then(self, wrapper: Any) -> None:
-            with pytest.raises(OperationalError) as excinfo:
-                backend_pid(wrapper)
-            self.outcome["raised"] = str(excinfo.value)
-            self.outcome["pid after"] = backend_pid(wrapper)  # and then borrows again
-
-    pool: DjangoConnectionPool | None = None
     with LockHolder(make_wrapper, "idle_state", idle_options) as worker:
-        pool = pool_of("idle_state")
-        assert wait_until(lambda: pool is not None and pool.state()["lent"] == 0, timeout=5)
+        time.sleep(1.5)  # three times the bound
+        assert pool_of("idle_state").state()["lent"] == 1
         locks = admin.execute(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242"
-        ).fetchone()
-        assert locks == (0,)  # gone with the connection: nobody holds it now
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242"
+        ).fetchall()
+        assert locks == [(worker.outcome["pid"],)]
     assert "error" not in worker.outcome
-    message = worker.outcome["raised"]
-    assert "database alias 'idle_state'" in message
+    assert worker.outcome["pid after"] == worker.outcome["pid"]
+    reported = [r.getMessage() for r in caplog.records if "is not taken back" in r.getMessage()]
+    assert len(reported) == 1  # once per borrow
+    assert "pool 'idle_state'" in reported[0]
+    assert "thread worker-idle_state" in reported[0]
+
+
+def test_state_lost_with_a_connection_taken_from_a_dead_borrower_is_reported_at_next_use(
+    make_wrapper: Wrappers, admin: psycopg.Connection[Any]
+) -> None:
+    # Made here, used by another thread while shared, then no longer shared:
+    # the borrowing thread ended, this one may still use the object.
+    wrapper = make_wrapper("dead_borrower", {"min_size": 1, "max_size": 1, "timeout": 5})
+    wrapper.inc_thread_sharing()
+    pids: list[int] = []
+
+    def borrow() -> None:
+        with wrapper.cursor() as cursor:
+            cursor.execute("SELECT pg_backend_pid(), pg_advisory_lock(4343)")
+            pids.append(cursor.fetchone()[0])
+
+    thread = threading.Thread(target=borrow, name="borrower")
+    thread.start()
+    thread.join(10)
+    wrapper.dec_thread_sharing()
+    pool = pool_of("dead_borrower")
+    assert pool.reclaim_orphans() == 1
+    assert wait_until(lambda: not alive(admin, pids[0]), timeout=5)  # closed, lock and all
+    with pytest.raises(OperationalError) as excinfo:
+        backend_pid(wrapper)
+    message = str(excinfo.value)
+    assert "database alias 'dead_borrower'" in message
+    assert "thread 'borrower' ended without closing it" in message
     assert "advisory locks" in message
-    assert "max_idle_lent" in message
-    assert worker.outcome["pid after"] != worker.outcome["pid"]
+    assert backend_pid(wrapper) != pids[0]  # the next use connects again
+    wrapper.close()
 
 
 def test_a_connection_in_a_transaction_is_never_taken_back(
@@ -322,3 +356,25 @@ def test_async_views_at_six_times_max_size_all_succeed_and_the_pool_returns_to_i
         gc.enable()
     assert statuses == [200] * requests
     assert idle
+
+
+@pytest.mark.slow
+def test_under_uvicorn_async_views_at_six_times_max_size_all_succeed_and_the_pool_returns_to_idle(
+    transactional_db: None, tmp_path: Path
+) -> None:
+    """The same as above, served by a real ASGI server in a process of its own."""
+    requests = 24  # 6 x max_size; uvicorn's event loop has 6 executor threads here
+    env = {"POOL_MAX_IDLE_LENT": "0.5", "POOL_TIMEOUT": "10"}
+    with live.serve(
+        "dpb_asgi", tmp_path, max_size=4, migrate=True, asgi=True, extra_env=env
+    ) as server:
+        for _ in range(2):  # twice: the second burst finds the threads of the first
+            threads, results = live.in_parallel(server.port, ["/async/count/"] * requests)
+            live.join(threads)
+            assert results == [{"count": 0}] * requests
+            # The server keeps running, its executor threads with it: the
+            # pool still comes back to no lent connection.
+            live.wait_for(
+                lambda: server.live() and server.total("lent") == 0, timeout=10, what="idle"
+            )
+        assert server.master.poll() is None
