@@ -122,7 +122,13 @@ def test_the_testproject_reads_its_database_from_a_pool_url(db: None) -> None:
     # settings.py builds a postgres+pool:// URL from DATABASE_URL and POOL_*.
     pool = connection.settings_dict["OPTIONS"]["pool"]
     release = os.environ.get("POOL_RELEASE", "request")
-    assert pool == {"min_size": 1, "max_size": 10, "timeout": 10.0, "release": release}
+    assert pool == {
+        "min_size": 1,
+        "max_size": 10,
+        "timeout": 10.0,
+        "max_idle_lent": 5.0,
+        "release": release,
+    }
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
         assert cursor.fetchone() == (1,)

@@ -264,7 +264,7 @@ def test_connection_errors_are_counted(make_wrapper: Wrappers) -> None:
     snap = stats.snapshot_pool(pool_of("refused"))
     assert snap["connection_errors"] >= 1
     assert snap["connections_opened"] == 0
-    assert snap["timeouts"] == 1
+    assert snap["timeouts"] == 0  # it failed at once: not a timeout
 
 
 # -- publication -----------------------------------------------------------------
