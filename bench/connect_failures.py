@@ -24,7 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-ENGINES = {"pooled": "django_pooled_backend", "stock": "django.db.backends.postgresql"}
+# name: (ENGINE, whether Django's own pool is on)
+ENGINES = {
+    "pooled": ("django_pooled_backend", False),
+    "stock": ("django.db.backends.postgresql", False),
+    "django-pool": ("django.db.backends.postgresql", True),
+}
 COMMANDS = {"migrate": ["migrate", "--noinput"], "check": ["check", "--database", "default"]}
 
 
@@ -64,9 +69,14 @@ def main() -> None:
 
         url = pgserver.database_url("testproject")
     for case, broken in broken_urls(url).items():
-        for engine_name, engine in ENGINES.items():
+        for engine_name, (engine, django_pool) in ENGINES.items():
             for command_name, command in COMMANDS.items():
-                env = {**os.environ, "DATABASE_URL": broken, "TESTPROJECT_ENGINE": engine}
+                env = {
+                    **os.environ,
+                    "DATABASE_URL": broken,
+                    "TESTPROJECT_ENGINE": engine,
+                    "TESTPROJECT_DJANGO_POOL": str(int(django_pool)),
+                }
                 started = time.monotonic()
                 done = subprocess.run(
                     [sys.executable, "manage.py", *command],
@@ -79,7 +89,7 @@ def main() -> None:
                 seconds = time.monotonic() - started
                 first = error_line(done.stderr + done.stdout)
                 print(
-                    f"{case:16}  {engine_name:6}  {command_name:7}  {seconds:5.1f}s  "
+                    f"{case:16}  {engine_name:11}  {command_name:7}  {seconds:5.1f}s  "
                     f"rc={done.returncode}  {first}",
                     flush=True,
                 )
