@@ -301,13 +301,13 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         reason = server_reason(exc)
         self.last_connect_error = reason
         self._failed_attempts += 1
-        error: ConnectionFailed | None = None
+        if self._pool or self.parked or self.holders:
+            return  # connections work, or will come back: waiting is worth it
+        # The message reads the state, which takes the lock: before taking it
+        # (psycopg_pool < 3.3 has a lock that cannot be taken twice).
+        error = ConnectionFailed(self._connection_failed_message(reason, None))
         with self._lock:
-            if self._pool or self.parked or self.holders:
-                return  # connections work, or will come back: waiting is worth it
             for waiter in list(self._waiting):
-                if error is None:
-                    error = ConnectionFailed(self._connection_failed_message(reason, None))
                 if waiter.fail(error):
                     self._waiting.remove(waiter)
 
