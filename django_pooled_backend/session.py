@@ -5,27 +5,59 @@ Most requests run nothing but ``SELECT``, ``INSERT``, ``UPDATE`` and
 and resetting their connection would cost a query per request for nothing.
 Every statement goes through the connection's cursor class; the classes here
 look at its SQL text (not its parameters, which are data) and mark the
-connection *dirty* unless the statement is plainly harmless:
+connection *dirty* unless they can prove the text harmless.
+
+The judge **fails safe**: it tokenizes the text as PostgreSQL's own lexer
+does (comments, nested ``/* */``, ``'...'``, ``E'...'``, ``U&'...'``,
+dollar quotes, quoted identifiers, numbers, operators), and anything it does
+not understand is dirty: an unterminated string, comment or quoted
+identifier, a character PostgreSQL would reject, a ``'...'`` string with a
+backslash (its end depends on ``standard_conforming_strings``).  The text is
+split at every ``;`` (one ``execute()`` may send several statements), and
+each statement must be harmless:
 
 * it starts with ``SELECT``, ``INSERT``, ``UPDATE``, ``DELETE``, ``WITH``,
-  ``SAVEPOINT``, ``RELEASE`` or ``ROLLBACK TO`` (anything else, ``SET``,
-  ``PREPARE``, ``LISTEN``, ``DECLARE``, ``CREATE TEMP TABLE``, ``DO``,
-  ``CALL``, ``COPY``..., is dirty), and has no ``INTO`` but ``INSERT INTO``
-  (``SELECT ... INTO TEMP`` creates a table), and
-* every ``name(`` in it is an SQL keyword or a function of ``pg_catalog``
-  that cannot change session state (``set_config``, ``setseed``,
-  ``nextval``/``setval`` and the advisory lock functions can): a function
-  of your own might, so calling one is dirty.
+  ``VALUES``, ``TABLE``, ``SHOW``, ``SAVEPOINT``, ``RELEASE`` or
+  ``ROLLBACK TO`` (possibly after opening parentheses, for a ``SELECT``);
+  anything else (``SET``, ``PREPARE``, ``LISTEN``, ``DECLARE``, ``CREATE``,
+  ``DO``, ``CALL``, ``COPY``, ``EXECUTE``, ``BEGIN``...) is dirty;
+* it has no ``INTO`` but ``INSERT INTO`` (``SELECT ... INTO`` creates a
+  table);
+* every function call in it (a name, quoted or not, possibly qualified,
+  followed by ``(`` after any comments) is a function of ``pg_catalog`` that
+  cannot change session state: qualified by ``pg_catalog`` only, unquoted
+  names folded to lower case as the server does, quoted ones taken as they
+  are.  Not harmless: ``set_config``, ``setseed``, ``nextval``, ``setval``,
+  ``pg_notify``, the advisory lock, large object, replication and backup
+  functions, and those that run SQL given as text (``query_to_xml``,
+  ``ts_stat``...).  Nor is an unqualified ``pg_catalog`` name that a
+  function of another schema also has (an overload of your own may be
+  picked instead).  Reserved
+  keywords followed by ``(`` are syntax, not calls; so are a few places
+  where a name before ``(`` is a column list (``INSERT INTO t (...)``,
+  ``ON CONFLICT (...) DO``, ``... AS t(a, b)``), ``FILTER (`` or ``OVER (``
+  after a call, and ``ORDER BY (``;
+* it names no relation that has rules or triggers (``UPDATE pg_settings``
+  runs ``set_config()`` through a rule), and no function of your own after
+  a dot (``t.f`` calls ``f(t)``).
 
-Both lists come from the server itself (``pg_get_keywords()`` and
-``pg_proc``), read once per pool; until they are known every statement is
-dirty.  Verdicts are cached per SQL string: the ORM sends the same few
-strings over and over, so a statement costs a dictionary lookup.
+Parameters: when a statement has them, psycopg replaces ``%s`` and
+``%(name)s`` everywhere in the text, strings included; so with parameters,
+a ``%`` other than ``%%`` inside a string, comment or quoted identifier is
+dirty, as is a placeholder glued to a name.
 
-What this cannot see: state changed by triggers, rules or column defaults
-(their functions run without appearing in the SQL), and statements sent
-through ``pgconn`` (libpq) directly.  Use ``reset: "always"`` if your
-database changes session state that way.
+The keywords, functions, rules and triggers come from the server itself,
+read once per pool; until they are known every statement is dirty.  Verdicts
+are cached per SQL string (and per "with parameters or not"): the ORM sends
+the same few strings over and over, so a statement costs a dictionary
+lookup.
+
+What this cannot see: what runs without appearing in the SQL text, in
+functions of ``pg_catalog`` too: column defaults (a sequence default sets
+``currval()``), views, policies, casts, operators and domain checks that
+call functions of your own; triggers and rules created after the pool read
+the catalog; and statements sent through ``pgconn`` (libpq) directly.  Use
+``reset: "always"`` if your database changes session state that way.
 """
 
 from __future__ import annotations
@@ -38,30 +70,242 @@ from django.db.backends.postgresql.base import Cursor, ServerBindingCursor
 if TYPE_CHECKING:
     from psycopg import Connection
 
-_CLEAN_START = re.compile(
-    r"\s*(?:SELECT|INSERT|UPDATE|DELETE|WITH|SAVEPOINT|RELEASE|ROLLBACK\s+TO)\b", re.IGNORECASE
+# pg_catalog functions that change session state (or may: run SQL given as
+# text, open what outlives the statement).  Transaction-scoped ones are
+# harmless for the next borrower, but they are rare enough to be judged with
+# their session-scoped siblings.
+_UNSAFE_FUNCTIONS = frozenset(
+    {
+        "set_config",
+        "setseed",
+        "nextval",
+        "setval",
+        "pg_notify",
+        "ts_stat",
+        "ts_rewrite",
+    }
 )
-# "INTO table (" and "INTO schema.table (" open a column list, not a call.
-_INTO_TABLE = re.compile(
-    r'\bINTO\s+(?:(?:"(?:[^"]|"")+"|\w+)\s*\.\s*)?(?:"(?:[^"]|"")+"|\w+)\s*\(', re.IGNORECASE
+_UNSAFE_PREFIXES = (
+    "pg_advisory",
+    "pg_try_advisory",
+    "pg_replication_origin",
+    "pg_replication_slot",
+    "pg_create_",
+    "pg_copy_",
+    "pg_drop_replication_slot",
+    "pg_sync_replication_slots",
+    "pg_logical_",
+    "pg_backup_",
+    "lo_",
+    "binary_upgrade_",
 )
-# "SELECT ... INTO [TEMP] t" creates a table; only INSERT INTO does not.
-_SELECT_INTO = re.compile(r"(\S+)\s+INTO\b", re.IGNORECASE)
-_CALL = re.compile(
-    r'(?:("(?:[^"]|"")+"|[A-Za-z_][\w$]*)\s*\.\s*)?("(?:[^"]|"")+"|[A-Za-z_][\w$]*)\s*\('
-)
-
-# pg_catalog functions that change session state.
-_UNSAFE_FUNCTIONS = frozenset({"set_config", "setseed", "nextval", "setval"})
-_UNSAFE_PREFIXES = ("pg_advisory", "pg_try_advisory", "pg_replication_origin_session")
+# query_to_xml() runs its text argument; cursor_to_xml() reads a cursor;
+# table/schema/database_to_xml() read relations (views may call anything).
+_UNSAFE_INFIX = "_to_xml"
 
 CATALOG_QUERY = (
-    "SELECT (SELECT array_agg(DISTINCT lower(proname::text)) FROM pg_catalog.pg_proc "
+    "SELECT (SELECT array_agg(DISTINCT proname::text) FROM pg_catalog.pg_proc "
     "WHERE pronamespace = 'pg_catalog'::regnamespace), "
-    "(SELECT array_agg(lower(word)) FROM pg_catalog.pg_get_keywords())"
+    "(SELECT array_agg(DISTINCT proname::text) FROM pg_catalog.pg_proc "
+    "WHERE pronamespace <> 'pg_catalog'::regnamespace "
+    "AND pronamespace <> 'information_schema'::regnamespace), "
+    "(SELECT array_agg(word::text) FROM pg_catalog.pg_get_keywords() WHERE catcode IN ('R', 'C')), "
+    "(SELECT array_agg(DISTINCT c.relname::text) FROM pg_catalog.pg_class c WHERE EXISTS "
+    "(SELECT FROM pg_catalog.pg_rewrite r WHERE r.ev_class = c.oid AND r.ev_type <> '1') "
+    "OR EXISTS (SELECT FROM pg_catalog.pg_trigger t "
+    "WHERE t.tgrelid = c.oid AND NOT t.tgisinternal))"
 )
 
 _CACHE_SIZE = 4096
+
+# Statements that may start a harmless statement, and those after "(".
+_START = frozenset(
+    {"select", "insert", "update", "delete", "with", "values", "table", "show"}
+    | {"savepoint", "release", "rollback"}
+)
+_PAREN_START = frozenset({"select", "with", "values", "table"})
+
+# -- the lexer ---------------------------------------------------------------
+# Token kinds: a word (unquoted identifier or keyword, ASCII-folded to lower
+# case as the server does), a quoted identifier (its exact name), a literal
+# (string, number, parameter), or a character of punctuation or operator.
+_WORD = 0
+_QUOTED = 1
+_LITERAL = 2
+_CHAR = 3
+
+_IDENT_START = r"A-Za-z_\x80-\U0010ffff"
+_IDENT_CONT = r"A-Za-z_0-9$\x80-\U0010ffff"
+_DOLLAR_TAG = re.compile(rf"\$(?:[{_IDENT_START}][A-Za-z_0-9\x80-\U0010ffff]*)?\$")
+_SPACE = re.compile(r"[ \t\n\r\f\v]+")
+_IDENT = re.compile(rf"[{_IDENT_START}][{_IDENT_CONT}]*")
+_NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+_PARAM = re.compile(r"\$[0-9]+")
+_STRING = re.compile(r"'(?:[^']|'')*'")
+_E_STRING = re.compile(r"'(?:[^'\\]|''|\\.)*'", re.DOTALL)
+_QUOTED_IDENT = re.compile(r'"(?:[^"]|"")*"')
+_LINE_COMMENT = re.compile(r"--[^\n\r]*")
+_COMMENT_MARK = re.compile(r"/\*|\*/")
+_PLACEHOLDER = re.compile(r"%(?:\([A-Za-z0-9_]+\))?[sbt]")
+_OPERATOR_CHARS = frozenset("+-*/<>=~!@#%^&|`?")
+_PUNCTUATION = frozenset("()[],;:.")
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+class _Unsure(Exception):
+    """The text holds something the lexer cannot prove harmless."""
+
+
+def _skip_comment(text: str, pos: int) -> int:
+    """The end of the (nested) ``/* */`` comment starting at ``pos``."""
+    depth = 0
+    while True:
+        mark = _COMMENT_MARK.search(text, pos)
+        if mark is None:
+            raise _Unsure("unterminated comment")
+        pos = mark.end()
+        depth += 1 if mark.group() == "/*" else -1
+        if depth == 0:
+            return pos
+
+
+def _check_percent(piece: str, with_params: bool) -> None:
+    # psycopg replaces placeholders in strings and comments too: with
+    # parameters, only "%%" (which becomes "%") leaves the text as lexed.
+    if with_params and "%" in piece and "%" in piece.replace("%%", ""):
+        raise _Unsure("a placeholder inside a string, comment or quoted identifier")
+
+
+def tokenize(text: str, with_params: bool = False) -> list[tuple[int, str | None]]:
+    """The tokens of ``text`` as PostgreSQL reads them; raise :class:`_Unsure` if in doubt.
+
+    Comments and white space are dropped.  ``with_params``: the text is a
+    psycopg template, whose placeholders are replaced before it is sent.
+    """
+    tokens: list[tuple[int, str | None]] = []
+    append = tokens.append
+    pos = 0
+    end = len(text)
+    while pos < end:
+        c = text[pos]
+        if c in " \t\n\r\f\v":
+            pos = _SPACE.match(text, pos).end()  # type: ignore[union-attr]
+            continue
+        nxt = text[pos + 1 : pos + 2]
+        if c == "-" and nxt == "-":
+            m = _LINE_COMMENT.match(text, pos)
+            assert m is not None
+            _check_percent(m.group(), with_params)
+            pos = m.end()
+            continue
+        if c == "/" and nxt == "*":
+            start = pos
+            pos = _skip_comment(text, pos)
+            _check_percent(text[start:pos], with_params)
+            continue
+        if c == "'":
+            m = _STRING.match(text, pos)
+            if m is None:
+                raise _Unsure("unterminated string")
+            if "\\" in m.group():
+                # Ends elsewhere with standard_conforming_strings off.
+                raise _Unsure("a backslash in a string")
+            _check_percent(m.group(), with_params)
+            append((_LITERAL, None))
+            pos = m.end()
+            continue
+        if c == '"':
+            m = _QUOTED_IDENT.match(text, pos)
+            if m is None:
+                raise _Unsure("unterminated quoted identifier")
+            _check_percent(m.group(), with_params)
+            append((_QUOTED, m.group()[1:-1].replace('""', '"')))
+            pos = m.end()
+            continue
+        if c == "$":
+            m = _PARAM.match(text, pos)
+            if m is not None:
+                append((_LITERAL, None))
+                pos = m.end()
+                continue
+            m = _DOLLAR_TAG.match(text, pos)
+            if m is None:
+                raise _Unsure("a lone $")
+            close = text.find(m.group(), m.end())
+            if close < 0:
+                raise _Unsure("unterminated dollar quote")
+            pos = close + len(m.group())
+            _check_percent(text[m.start() : pos], with_params)
+            append((_LITERAL, None))
+            continue
+        if c in _IDENT_START_CHARS or c >= "\x80":
+            low = c.lower() if c < "\x80" else c
+            if nxt == "'" and low in "ebxn":
+                if low == "e":
+                    m = _E_STRING.match(text, pos + 1)
+                else:
+                    m = _STRING.match(text, pos + 1)
+                    if m is not None and "\\" in m.group():
+                        raise _Unsure("a backslash in a string")
+                if m is None:
+                    raise _Unsure("unterminated string")
+                _check_percent(m.group(), with_params)
+                append((_LITERAL, None))
+                pos = m.end()
+                continue
+            if low == "u" and nxt == "&" and text[pos + 2 : pos + 3] in ("'", '"'):
+                quote = text[pos + 2]
+                m = (_STRING if quote == "'" else _QUOTED_IDENT).match(text, pos + 2)
+                if m is None:
+                    raise _Unsure("unterminated string")
+                _check_percent(m.group(), with_params)
+                # A U& identifier's escapes are not decoded: no name known.
+                append((_LITERAL, None) if quote == "'" else (_QUOTED, None))
+                pos = m.end()
+                continue
+            m = _IDENT.match(text, pos)
+            assert m is not None
+            word = m.group()
+            if word.isascii():
+                append((_WORD, word.translate(_ASCII_LOWER)))
+            else:
+                # The server folds ASCII letters only: keep the rest as is,
+                # which matches no keyword nor catalog name.
+                append((_WORD, "\x00" + word))
+            pos = m.end()
+            continue
+        if c in "0123456789" or (c == "." and nxt in _DIGITS and nxt != ""):
+            m = _NUMBER.match(text, pos)
+            assert m is not None
+            append((_LITERAL, None))
+            pos = m.end()
+            continue
+        if c == "%" and with_params:
+            if nxt == "%":
+                append((_CHAR, "%"))
+                pos += 2
+                continue
+            m = _PLACEHOLDER.match(text, pos)
+            if m is None:
+                raise _Unsure("a % that is not a placeholder")
+            before = text[pos - 1 : pos]
+            if before and (before == "$" or before in _IDENT_CONT_CHARS or before >= "\x80"):
+                # "f%s" becomes f$1, another name, with server-side binding.
+                raise _Unsure("a placeholder glued to a name")
+            append((_LITERAL, None))
+            pos = m.end()
+            continue
+        if c in _OPERATOR_CHARS or c in _PUNCTUATION:
+            append((_CHAR, c))
+            pos += 1
+            continue
+        raise _Unsure(f"unexpected character {c!r}")
+    return tokens
+
+
+_DIGITS = frozenset("0123456789")
+_IDENT_START_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz_")
+_IDENT_CONT_CHARS = _IDENT_START_CHARS | _DIGITS | {"$"}
 
 
 class StatementJudge:
@@ -69,79 +313,200 @@ class StatementJudge:
 
     def __init__(self) -> None:
         self._harmless: frozenset[str] | None = None
+        self._syntax: frozenset[str] = frozenset()
+        self._own_functions: frozenset[str] = frozenset()
+        self._watched: frozenset[str] = frozenset()
         self._verdicts: dict[str, bool] = {}
+        self._verdicts_with_params: dict[str, bool] = {}
 
     @property
     def ready(self) -> bool:
         return self._harmless is not None
 
     def learn(self, conn: Connection[Any]) -> None:
-        """Read the server's keywords and functions (once per pool)."""
+        """Read the server's keywords, functions, rules and triggers (once per pool)."""
         row = conn.execute(CATALOG_QUERY, prepare=False).fetchone()
-        functions, keywords = row if row else ([], [])
-        safe = {
+        catalog, own, syntax, watched = row if row else (None, None, None, None)
+        if not catalog or not syntax:
+            return  # not a catalog worth trusting: everything stays dirty
+        own_functions = frozenset(own or [])
+        self._harmless = frozenset(
             f
-            for f in functions or []
-            if f not in _UNSAFE_FUNCTIONS and not f.startswith(_UNSAFE_PREFIXES)
-        }
-        self._harmless = frozenset(safe | set(keywords or []))
+            for f in catalog
+            if f not in _UNSAFE_FUNCTIONS
+            and not f.startswith(_UNSAFE_PREFIXES)
+            and _UNSAFE_INFIX not in f
+        )
+        self._syntax = frozenset(syntax)
+        self._own_functions = own_functions
+        self._watched = frozenset(watched or [])
 
-    def dirties(self, query: object) -> bool:
-        """Whether running ``query`` may leave session state behind."""
+    def dirties(self, query: object, with_params: bool = False) -> bool:
+        """Whether running ``query`` may leave session state behind.
+
+        ``with_params``: the query is sent with parameters (psycopg then
+        replaces its placeholders).
+        """
         if not isinstance(query, str):
-            # bytes or psycopg.sql objects: not worth decoding to judge.
+            # bytes, psycopg.sql objects, templates: not worth decoding to judge.
             return True
-        verdict = self._verdicts.get(query)
+        verdicts = self._verdicts_with_params if with_params else self._verdicts
+        verdict = verdicts.get(query)
         if verdict is None:
-            harmless = self._harmless
-            if harmless is None:
+            if self._harmless is None:
                 return True
-            verdict = self._judge(query, harmless)
-            if len(self._verdicts) >= _CACHE_SIZE:
-                self._verdicts.clear()
-            self._verdicts[query] = verdict
+            verdict = self.judge(query, with_params)
+            if len(verdicts) >= _CACHE_SIZE:
+                verdicts.clear()
+            verdicts[query] = verdict
         return verdict
 
-    @staticmethod
-    def _judge(query: str, harmless: frozenset[str]) -> bool:
-        if not query.strip():
-            return False  # the empty query of a health check
-        if not _CLEAN_START.match(query):
+    def judge(self, query: str, with_params: bool = False) -> bool:
+        """Judge ``query`` without the cache: True if it may dirty the session."""
+        if self._harmless is None:
             return True
-        for word in _SELECT_INTO.findall(query):
-            if word.lower() != "insert":
+        try:
+            tokens = tokenize(query, with_params)
+        except _Unsure:
+            return True
+        start = 0
+        for i, (kind, value) in enumerate(tokens):
+            if kind == _CHAR and value == ";":
+                if self._dirty_statement(tokens, start, i):
+                    return True
+                start = i + 1
+        return self._dirty_statement(tokens, start, len(tokens))
+
+    def _dirty_statement(self, tokens: list[tuple[int, str | None]], start: int, end: int) -> bool:
+        if start == end:
+            return False  # an empty statement
+        harmless = self._harmless
+        assert harmless is not None
+        syntax = self._syntax
+        own = self._own_functions
+        first = start
+        while first < end and tokens[first] == (_CHAR, "("):
+            first += 1
+        if first == end:
+            return True
+        kind, word = tokens[first]
+        if kind != _WORD or word not in (_PAREN_START if first > start else _START):
+            return True
+        if word == "rollback":
+            # Only ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name.
+            nxt = first + 1
+            if nxt < end and tokens[nxt] in ((_WORD, "work"), (_WORD, "transaction")):
+                nxt += 1
+            if nxt >= end or tokens[nxt] != (_WORD, "to"):
                 return True
-        text = _INTO_TABLE.sub("INTO ", query)
-        for schema, name in _CALL.findall(text):
-            if schema and schema.lower() not in ("pg_catalog", '"pg_catalog"'):
-                return True
-            if name.startswith('"'):
-                return True  # a quoted name is not a keyword nor a catalog function we know
-            if name.lower() not in harmless:
-                return True
+        watched = self._watched
+        for i in range(first, end):
+            kind, value = tokens[i]
+            if kind == _CHAR:
+                if (
+                    value == "("
+                    and i > first
+                    and tokens[i - 1][0] in (_WORD, _QUOTED)
+                    and self._dirty_call(tokens, first, i, end, harmless, syntax, own)
+                ):
+                    return True
+                continue
+            if kind == _WORD:
+                if value == "into" and tokens[i - 1] != (_WORD, "insert"):
+                    return True  # SELECT ... INTO creates a table
+            elif kind != _QUOTED:
+                continue
+            if value is None:
+                continue
+            if value in watched:
+                return True  # a relation with rules or triggers
+            if value in own and i > first and tokens[i - 1] == (_CHAR, "."):
+                return True  # t.f is f(t)
         return False
 
+    @staticmethod
+    def _dirty_call(
+        tokens: list[tuple[int, str | None]],
+        first: int,
+        paren: int,
+        end: int,
+        harmless: frozenset[str],
+        syntax: frozenset[str],
+        own: frozenset[str],
+    ) -> bool:
+        """Whether ``name (`` before ``tokens[paren]`` is a call that may dirty the session."""
+        kind, name = tokens[paren - 1]
+        if kind == _WORD and name in syntax:
+            return False  # a reserved keyword: SELECT (, IN (, COALESCE(...
+        qualified = paren - 3 >= first and tokens[paren - 2] == (_CHAR, ".")
+        if qualified:
+            if tokens[paren - 3][0] not in (_WORD, _QUOTED):
+                return True  # (expr).f(: not something to prove harmless
+            before = tokens[paren - 4] if paren - 4 >= first else None
+        else:
+            before = tokens[paren - 2] if paren - 2 >= first else None
+        if before == (_WORD, "into"):
+            return False  # INSERT INTO [schema.]table (columns)
+        if not qualified:
+            if before == (_CHAR, ")") or before == (_WORD, "as"):
+                # f(x) FILTER (, OVER (, (subquery) t(a, b), AS t(a, b),
+                # AS MATERIALIZED (, CAST(x AS type(n)): not calls.
+                return False
+            if (
+                name == "by"
+                and kind == _WORD
+                and before in ((_WORD, "order"), (_WORD, "group"), (_WORD, "partition"))
+            ):
+                return False
+            if name == "conflict" and kind == _WORD and before == (_WORD, "on"):
+                # ON CONFLICT (columns) DO: "conflict(...)" followed by DO
+                # cannot parse as a call in a join condition.
+                depth = 0
+                for j in range(paren, end):
+                    if tokens[j] == (_CHAR, "("):
+                        depth += 1
+                    elif tokens[j] == (_CHAR, ")"):
+                        depth -= 1
+                        if depth == 0:
+                            return not (j + 1 < end and tokens[j + 1] == (_WORD, "do"))
+                return True
+        else:
+            if tokens[paren - 3] not in ((_WORD, "pg_catalog"), (_QUOTED, "pg_catalog")):
+                return True
+            if before == (_CHAR, "."):
+                return True  # database.schema.function(
+            return name not in harmless
+        # Unqualified: a function of another schema on the search_path with
+        # the same name may be the one called, for some argument types.
+        return name not in harmless or name in own
 
-def _mark(cursor: Any, query: object) -> None:
+
+def _mark(cursor: Any, query: object, with_params: bool) -> None:
     conn = cursor._conn
     if not conn._dpb_dirty:
         judge = conn._dpb_judge
-        conn._dpb_dirty = True if judge is None else judge.dirties(query)
+        conn._dpb_dirty = True if judge is None else judge.dirties(query, with_params)
 
 
 class _Tracking:
-    """Notes, before running it, whether a statement may dirty the session."""
+    """Notes, before running it, whether a statement may dirty the session.
+
+    Every way psycopg's cursors send SQL: ``execute()`` (which
+    ``Connection.execute()`` and Django's ``callproc()`` go through),
+    ``executemany()``, ``stream()`` and ``copy()``.  Server-side cursors are
+    marked dirty by the backend's ``create_cursor()``.
+    """
 
     def execute(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        _mark(self, query)
+        _mark(self, query, params is not None)
         return super().execute(query, params, **kwargs)  # type: ignore[misc]
 
     def executemany(self, query: Any, params_seq: Any, **kwargs: Any) -> Any:
-        _mark(self, query)
+        _mark(self, query, True)
         return super().executemany(query, params_seq, **kwargs)  # type: ignore[misc]
 
     def stream(self, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        _mark(self, query)
+        _mark(self, query, params is not None)
         return super().stream(query, params, **kwargs)  # type: ignore[misc]
 
     def copy(self, statement: Any, params: Any = None, **kwargs: Any) -> Any:
