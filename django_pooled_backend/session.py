@@ -33,7 +33,8 @@ each statement must be harmless:
   ``ts_stat``...).  Nor is an unqualified ``pg_catalog`` name that a
   function of another schema also has (an overload of your own may be
   picked instead).  Reserved
-  keywords followed by ``(`` are syntax, not calls; so are a few places
+  keywords followed by ``(`` are syntax, not calls (unless a function of
+  another schema has that name: ``substring(a, b)`` may call it); so are a few places
   where a name before ``(`` is a column list (``INSERT INTO t (...)``,
   ``ON CONFLICT (...) DO``, ``... AS t(a, b)``), ``FILTER (`` or ``OVER (``
   after a call, and ``ORDER BY (``;
@@ -420,8 +421,13 @@ class StatementJudge:
                 continue
             if value in watched:
                 return True  # a relation with rules or triggers
-            if value in own and i > first and tokens[i - 1] == (_CHAR, "."):
-                return True  # t.f is f(t)
+            if (
+                value in own
+                and i > first
+                and tokens[i - 1] == (_CHAR, ".")
+                and (i + 1 == end or tokens[i + 1] != (_CHAR, "("))
+            ):
+                return True  # t.f is f(t) (and s.f( a call, judged as such)
         return False
 
     @staticmethod
@@ -437,7 +443,10 @@ class StatementJudge:
         """Whether ``name (`` before ``tokens[paren]`` is a call that may dirty the session."""
         kind, name = tokens[paren - 1]
         if kind == _WORD and name in syntax:
-            return False  # a reserved keyword: SELECT (, IN (, COALESCE(...
+            # A reserved keyword: SELECT (, IN (, COALESCE(...  SUBSTRING(a, b)
+            # and OVERLAY(a, b) are calls looked up on the search_path,
+            # though: an overload of your own may be picked.
+            return name in own
         qualified = paren - 3 >= first and tokens[paren - 2] == (_CHAR, ".")
         if qualified:
             if tokens[paren - 3][0] not in (_WORD, _QUOTED):

@@ -268,6 +268,30 @@ def test_what_the_lexer_cannot_prove_harmless_is_dirty(judge: StatementJudge, sq
     assert judge.judge(sql) is True
 
 
+def test_an_overload_of_a_catalog_name_makes_its_unqualified_calls_dirty(
+    judge: StatementJudge, transactional_db: None
+) -> None:
+    # substring(a, b) and overlay(a, b) look like keywords but are looked up
+    # on the search_path, as any call is: an overload of your own may win.
+    assert judge.judge("SELECT substring('abc', 2), overlay('abc' placing 'x' from 2)") is False
+    with psycopg.connect(admin_dsn(connection.settings_dict["NAME"]), autocommit=True) as conn:
+        conn.execute("CREATE SCHEMA dpb_judge_shadow")
+        try:
+            for name in ("substring", "overlay", "lower"):
+                conn.execute(
+                    f"CREATE FUNCTION dpb_judge_shadow.{name}(integer, integer) RETURNS text "
+                    "LANGUAGE sql AS $$ SELECT set_config('app.judge', 'shadow', false) $$"
+                )
+            shadowed = StatementJudge()
+            shadowed.learn(conn)
+        finally:
+            conn.execute("DROP SCHEMA dpb_judge_shadow CASCADE")
+    for sql in ("SELECT substring(1, 2)", "SELECT overlay(1, 2)", "SELECT lower(1, 2)"):
+        assert shadowed.judge(sql) is True, sql
+    # Qualified by pg_catalog, no overload of your own can be called.
+    assert shadowed.judge("SELECT pg_catalog.lower('X')") is False
+
+
 def test_orm_queries_stay_clean(judge: StatementJudge, transactional_db: None) -> None:
     from django.db.models import Count, F, Max, OuterRef, Q, Subquery, Sum, Value, Window
     from django.db.models.functions import Coalesce, Concat, Lower, RowNumber, TruncDay, Upper
