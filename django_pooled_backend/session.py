@@ -32,39 +32,46 @@ each statement must be harmless:
   functions, and those that run SQL given as text (``query_to_xml``,
   ``ts_stat``...).  Nor is an unqualified ``pg_catalog`` name that a
   function of another schema also has (an overload of your own may be
-  picked instead).  Reserved
-  keywords followed by ``(`` are syntax, not calls (unless a function of
-  another schema has that name: ``substring(a, b)`` may call it); so are a few places
-  where a name before ``(`` is a column list (``INSERT INTO t (...)``,
-  ``ON CONFLICT (...) DO``, ``... AS t(a, b)``), ``FILTER (`` or ``OVER (``
-  after a call, and ``ORDER BY (``;
-* it names no relation that has rules or triggers (``UPDATE pg_settings``
-  runs ``set_config()`` through a rule), and no function of your own after
-  a dot (``t.f`` calls ``f(t)``).
+  picked instead).  Reserved keywords followed by ``(`` are syntax, not
+  calls (unless a function of another schema has that name:
+  ``substring(a, b)`` may call it); so are a few places where a name
+  before ``(`` is a column list (``INSERT INTO t (...)``, ``ON CONFLICT
+  (...) DO``, ``... AS t(a, b)``), ``FILTER (`` or ``OVER (`` after a
+  call, and ``ORDER BY (``;
+* it calls no function of your own after a dot (``t.f`` calls ``f(t)``),
+  and names no relation whose code may dirty the session when the
+  statement runs it: a view, a row security policy, a foreign table (any
+  statement naming it), a trigger, a rule (``UPDATE pg_settings`` runs
+  ``set_config()`` through one) or a stored generated column (a statement
+  that says ``INSERT``, ``UPDATE``, ``DELETE`` or ``MERGE``), a column
+  default (one that says ``INSERT`` or ``DEFAULT``).  The code of views,
+  policies, defaults and generated columns is read from the catalog and
+  judged as SQL; triggers and rules are not read: they count as dirty.
 
 Parameters: when a statement has them, psycopg replaces ``%s`` and
 ``%(name)s`` everywhere in the text, strings included; so with parameters,
 a ``%`` other than ``%%`` inside a string, comment or quoted identifier is
 dirty, as is a placeholder glued to a name.
 
-The keywords, functions, rules and triggers come from the server itself,
-read once per pool; until they are known every statement is dirty.  Verdicts
-are cached per SQL string (and per "with parameters or not"): the ORM sends
-the same few strings over and over, so a statement costs a dictionary
-lookup.
+The keywords, functions and relations come from the server itself, read
+once per pool; until they are known every statement is dirty.  Verdicts are
+cached per SQL string (and per "with parameters or not"): the ORM sends the
+same few strings over and over, so a statement costs a dictionary lookup.
 
-What this cannot see: what runs without appearing in the SQL text, in
-functions of ``pg_catalog`` too: column defaults (a sequence default sets
-``currval()``), views, policies, casts, operators and domain checks that
-call functions of your own; triggers and rules created after the pool read
-the catalog; and statements sent through ``pgconn`` (libpq) directly.  Use
-``reset: "always"`` if your database changes session state that way.
+What this cannot see: what runs without appearing in the SQL text nor in
+the code read from the catalog: casts, operators, domain checks and
+functions of ``pg_catalog`` (aggregates, comparisons of your own types)
+that call functions of your own; the sequence state that ``nextval()`` sets
+through a default or an identity column (``currval()``, ``lastval()``);
+objects created after the pool read the catalog; and statements sent
+through ``pgconn`` (libpq) directly.  Use ``reset: "always"`` if your
+database changes session state that way.
 """
 
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from django.db.backends.postgresql.base import Cursor, ServerBindingCursor
 
@@ -104,18 +111,54 @@ _UNSAFE_PREFIXES = (
 # table/schema/database_to_xml() read relations (views may call anything).
 _UNSAFE_INFIX = "_to_xml"
 
+_SYSTEM = "('pg_catalog'::regnamespace, 'information_schema'::regnamespace)"
 CATALOG_QUERY = (
+    # Functions of pg_catalog, and names of functions elsewhere.
     "SELECT (SELECT array_agg(DISTINCT proname::text) FROM pg_catalog.pg_proc "
     "WHERE pronamespace = 'pg_catalog'::regnamespace), "
     "(SELECT array_agg(DISTINCT proname::text) FROM pg_catalog.pg_proc "
-    "WHERE pronamespace <> 'pg_catalog'::regnamespace "
-    "AND pronamespace <> 'information_schema'::regnamespace), "
+    f"WHERE pronamespace NOT IN {_SYSTEM}), "
+    # Keywords that are never function names: "word (" is syntax.
     "(SELECT array_agg(word::text) FROM pg_catalog.pg_get_keywords() WHERE catcode IN ('R', 'C')), "
+    # Relations whose rules (but a view's SELECT) or triggers run on writes.
     "(SELECT array_agg(DISTINCT c.relname::text) FROM pg_catalog.pg_class c WHERE EXISTS "
     "(SELECT FROM pg_catalog.pg_rewrite r WHERE r.ev_class = c.oid AND r.ev_type <> '1') "
     "OR EXISTS (SELECT FROM pg_catalog.pg_trigger t "
-    "WHERE t.tgrelid = c.oid AND NOT t.tgisinternal))"
+    "WHERE t.tgrelid = c.oid AND NOT t.tgisinternal)), "
+    # Foreign tables: reading one opens connections that outlive the statement.
+    "(SELECT array_agg(relname::text) FROM pg_catalog.pg_class WHERE relkind = 'f'), "
+    # Code that runs when a relation is named, judged as SQL (see learn()):
+    # views, row security policies, column defaults and generated columns.
+    "(SELECT array_agg(ARRAY[relname::text, use, code]) FROM ("
+    "SELECT c.relname, 'read' AS use, pg_catalog.pg_get_viewdef(c.oid) AS code "
+    "FROM pg_catalog.pg_class c "
+    f"WHERE c.relkind = 'v' AND c.relnamespace NOT IN {_SYSTEM} "
+    "UNION ALL SELECT c.relname, 'read', 'SELECT ' "
+    "|| coalesce(pg_catalog.pg_get_expr(p.polqual, p.polrelid), 'true') || ', ' "
+    "|| coalesce(pg_catalog.pg_get_expr(p.polwithcheck, p.polrelid), 'true') "
+    "FROM pg_catalog.pg_policy p JOIN pg_catalog.pg_class c ON c.oid = p.polrelid "
+    "UNION ALL SELECT c.relname, CASE a.attgenerated WHEN 's' THEN 'write' "
+    "WHEN '' THEN 'insert' ELSE 'read' END, "
+    "'SELECT ' || pg_catalog.pg_get_expr(d.adbin, d.adrelid) "
+    "FROM pg_catalog.pg_attrdef d JOIN pg_catalog.pg_class c ON c.oid = d.adrelid "
+    "JOIN pg_catalog.pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum "
+    f"WHERE c.relnamespace NOT IN {_SYSTEM}) code)"
 )
+
+# Which statements naming a watched relation run its code: any (a view, a
+# policy, a foreign table), writes (triggers, rules, generated columns),
+# inserts and DEFAULT (column defaults).
+_ANY: frozenset[str] = frozenset()
+_WRITES = frozenset({"insert", "update", "delete", "merge"})
+_USES = {"read": _ANY, "write": _WRITES, "insert": frozenset({"insert", "default"})}
+_WATCH_WORDS = _WRITES | {"default"}
+
+
+def _widen(current: frozenset[str] | None, words: frozenset[str]) -> frozenset[str]:
+    if current is None:
+        return words
+    return _ANY if not current or not words else current | words
+
 
 _CACHE_SIZE = 4096
 
@@ -309,38 +352,71 @@ _IDENT_START_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuv
 _IDENT_CONT_CHARS = _IDENT_START_CHARS | _DIGITS | {"$"}
 
 
+class _Catalog(NamedTuple):
+    """What the judge learned from the server."""
+
+    harmless: frozenset[str]  # pg_catalog functions that cannot change session state
+    syntax: frozenset[str]  # keywords that are never function names
+    own: frozenset[str]  # names of functions outside pg_catalog
+    # Relation -> the words that make a statement naming it run its code
+    # (empty: any statement).
+    watched: dict[str, frozenset[str]]
+
+
 class StatementJudge:
     """Decides, per SQL string, whether a statement may change session state."""
 
     def __init__(self) -> None:
-        self._harmless: frozenset[str] | None = None
-        self._syntax: frozenset[str] = frozenset()
-        self._own_functions: frozenset[str] = frozenset()
-        self._watched: frozenset[str] = frozenset()
+        self._catalog: _Catalog | None = None
         self._verdicts: dict[str, bool] = {}
         self._verdicts_with_params: dict[str, bool] = {}
 
     @property
     def ready(self) -> bool:
-        return self._harmless is not None
+        return self._catalog is not None
 
     def learn(self, conn: Connection[Any]) -> None:
-        """Read the server's keywords, functions, rules and triggers (once per pool)."""
+        """Read the server's keywords, functions, and relations that run code (once per pool).
+
+        The code that runs when a relation is named (a view's query, a
+        policy, a column default) is judged like a statement: a relation
+        whose code may dirty the session dirties a statement that names it
+        (for defaults, one that inserts or says DEFAULT).  A view of such a
+        view is found by judging again until nothing changes.  ``nextval()``
+        is let through in defaults: the sequence state it sets (``currval()``)
+        is not tracked, as for identity columns, which do the same unseen.
+        """
         row = conn.execute(CATALOG_QUERY, prepare=False).fetchone()
-        catalog, own, syntax, watched = row if row else (None, None, None, None)
-        if not catalog or not syntax:
+        if row is None or not row[0] or not row[2]:
             return  # not a catalog worth trusting: everything stays dirty
-        own_functions = frozenset(own or [])
-        self._harmless = frozenset(
+        catalog, own, syntax, on_writes, foreign, code = row
+        harmless = frozenset(
             f
             for f in catalog
             if f not in _UNSAFE_FUNCTIONS
             and not f.startswith(_UNSAFE_PREFIXES)
             and _UNSAFE_INFIX not in f
         )
-        self._syntax = frozenset(syntax)
-        self._own_functions = own_functions
-        self._watched = frozenset(watched or [])
+        watched: dict[str, frozenset[str]] = {}
+        for name in on_writes or []:
+            watched[name] = _widen(watched.get(name), _WRITES)
+        for name in foreign or []:
+            watched[name] = _ANY
+        learned = _Catalog(harmless, frozenset(syntax), frozenset(own or []), watched)
+        in_defaults = learned._replace(harmless=harmless | {"nextval"})
+        changed = True
+        while changed:
+            changed = False
+            for relation, use, text in code or []:
+                words = _USES[use]
+                current = watched.get(relation)
+                if current is not None and _widen(current, words) == current:
+                    continue
+                if _judge(text, False, in_defaults if use == "insert" else learned):
+                    watched[relation] = _widen(current, words)
+                    changed = True
+        # Published once complete: until then every statement is dirty.
+        self._catalog = learned
 
     def dirties(self, query: object, with_params: bool = False) -> bool:
         """Whether running ``query`` may leave session state behind.
@@ -354,9 +430,10 @@ class StatementJudge:
         verdicts = self._verdicts_with_params if with_params else self._verdicts
         verdict = verdicts.get(query)
         if verdict is None:
-            if self._harmless is None:
+            catalog = self._catalog
+            if catalog is None:
                 return True
-            verdict = self.judge(query, with_params)
+            verdict = _judge(query, with_params, catalog)
             if len(verdicts) >= _CACHE_SIZE:
                 verdicts.clear()
             verdicts[query] = verdict
@@ -364,130 +441,141 @@ class StatementJudge:
 
     def judge(self, query: str, with_params: bool = False) -> bool:
         """Judge ``query`` without the cache: True if it may dirty the session."""
-        if self._harmless is None:
-            return True
-        try:
-            tokens = tokenize(query, with_params)
-        except _Unsure:
-            return True
-        start = 0
-        for i, (kind, value) in enumerate(tokens):
-            if kind == _CHAR and value == ";":
-                if self._dirty_statement(tokens, start, i):
-                    return True
-                start = i + 1
-        return self._dirty_statement(tokens, start, len(tokens))
+        catalog = self._catalog
+        return True if catalog is None else _judge(query, with_params, catalog)
 
-    def _dirty_statement(self, tokens: list[tuple[int, str | None]], start: int, end: int) -> bool:
-        if start == end:
-            return False  # an empty statement
-        harmless = self._harmless
-        assert harmless is not None
-        syntax = self._syntax
-        own = self._own_functions
-        first = start
-        while first < end and tokens[first] == (_CHAR, "("):
-            first += 1
-        if first == end:
-            return True
-        kind, word = tokens[first]
-        if kind != _WORD or word not in (_PAREN_START if first > start else _START):
-            return True
-        if word == "rollback":
-            # Only ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name.
-            nxt = first + 1
-            if nxt < end and tokens[nxt] in ((_WORD, "work"), (_WORD, "transaction")):
-                nxt += 1
-            if nxt >= end or tokens[nxt] != (_WORD, "to"):
+
+def _judge(query: str, with_params: bool, catalog: _Catalog) -> bool:
+    try:
+        tokens = tokenize(query, with_params)
+    except _Unsure:
+        return True
+    start = 0
+    for i, (kind, value) in enumerate(tokens):
+        if kind == _CHAR and value == ";":
+            if _dirty_statement(tokens, start, i, catalog):
                 return True
-        watched = self._watched
-        for i in range(first, end):
-            kind, value = tokens[i]
-            if kind == _CHAR:
-                if (
-                    value == "("
-                    and i > first
-                    and tokens[i - 1][0] in (_WORD, _QUOTED)
-                    and self._dirty_call(tokens, first, i, end, harmless, syntax, own)
-                ):
-                    return True
-                continue
-            if kind == _WORD:
-                if value == "into" and tokens[i - 1] != (_WORD, "insert"):
-                    return True  # SELECT ... INTO creates a table
-            elif kind != _QUOTED:
-                continue
-            if value is None:
-                continue
-            if value in watched:
-                return True  # a relation with rules or triggers
+            start = i + 1
+    return _dirty_statement(tokens, start, len(tokens), catalog)
+
+
+def _dirty_statement(
+    tokens: list[tuple[int, str | None]], start: int, end: int, catalog: _Catalog
+) -> bool:
+    if start == end:
+        return False  # an empty statement
+    harmless, syntax, own, watched = catalog
+    first = start
+    while first < end and tokens[first] == (_CHAR, "("):
+        first += 1
+    if first == end:
+        return True
+    kind, word = tokens[first]
+    if kind != _WORD or word not in (_PAREN_START if first > start else _START):
+        return True
+    if word == "rollback":
+        # Only ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name.
+        nxt = first + 1
+        if nxt < end and tokens[nxt] in ((_WORD, "work"), (_WORD, "transaction")):
+            nxt += 1
+        if nxt >= end or tokens[nxt] != (_WORD, "to"):
+            return True
+    # Words of watched relations named, and words of the statement that
+    # run their code (INSERT, UPDATE, DEFAULT...), compared at the end.
+    triggers: set[str] = set()
+    said: set[str] = set()
+    for i in range(first, end):
+        kind, value = tokens[i]
+        if kind == _CHAR:
             if (
-                value in own
+                value == "("
                 and i > first
-                and tokens[i - 1] == (_CHAR, ".")
-                and (i + 1 == end or tokens[i + 1] != (_CHAR, "("))
+                and tokens[i - 1][0] in (_WORD, _QUOTED)
+                and _dirty_call(tokens, first, i, end, harmless, syntax, own)
             ):
-                return True  # t.f is f(t) (and s.f( a call, judged as such)
-        return False
+                return True
+            continue
+        if kind == _WORD:
+            if value == "into" and tokens[i - 1] != (_WORD, "insert"):
+                return True  # SELECT ... INTO creates a table
+            if value in _WATCH_WORDS:
+                said.add(value)
+        elif kind != _QUOTED:
+            continue
+        if value is None:
+            continue
+        words = watched.get(value)
+        if words is not None:
+            if not words:
+                return True  # a view, policy or foreign table that may dirty it
+            triggers |= words
+        if (
+            value in own
+            and i > first
+            and tokens[i - 1] == (_CHAR, ".")
+            and (i + 1 == end or tokens[i + 1] != (_CHAR, "("))
+        ):
+            return True  # t.f is f(t) (and s.f( a call, judged as such)
+    return not triggers.isdisjoint(said)
 
-    @staticmethod
-    def _dirty_call(
-        tokens: list[tuple[int, str | None]],
-        first: int,
-        paren: int,
-        end: int,
-        harmless: frozenset[str],
-        syntax: frozenset[str],
-        own: frozenset[str],
-    ) -> bool:
-        """Whether ``name (`` before ``tokens[paren]`` is a call that may dirty the session."""
-        kind, name = tokens[paren - 1]
-        if kind == _WORD and name in syntax:
-            # A reserved keyword: SELECT (, IN (, COALESCE(...  SUBSTRING(a, b)
-            # and OVERLAY(a, b) are calls looked up on the search_path,
-            # though: an overload of your own may be picked.
-            return name in own
-        qualified = paren - 3 >= first and tokens[paren - 2] == (_CHAR, ".")
-        if qualified:
-            if tokens[paren - 3][0] not in (_WORD, _QUOTED):
-                return True  # (expr).f(: not something to prove harmless
-            before = tokens[paren - 4] if paren - 4 >= first else None
-        else:
-            before = tokens[paren - 2] if paren - 2 >= first else None
-        if before == (_WORD, "into"):
-            return False  # INSERT INTO [schema.]table (columns)
-        if not qualified:
-            if before == (_CHAR, ")") or before == (_WORD, "as"):
-                # f(x) FILTER (, OVER (, (subquery) t(a, b), AS t(a, b),
-                # AS MATERIALIZED (, CAST(x AS type(n)): not calls.
-                return False
-            if (
-                name == "by"
-                and kind == _WORD
-                and before in ((_WORD, "order"), (_WORD, "group"), (_WORD, "partition"))
-            ):
-                return False
-            if name == "conflict" and kind == _WORD and before == (_WORD, "on"):
-                # ON CONFLICT (columns) DO: "conflict(...)" followed by DO
-                # cannot parse as a call in a join condition.
-                depth = 0
-                for j in range(paren, end):
-                    if tokens[j] == (_CHAR, "("):
-                        depth += 1
-                    elif tokens[j] == (_CHAR, ")"):
-                        depth -= 1
-                        if depth == 0:
-                            return not (j + 1 < end and tokens[j + 1] == (_WORD, "do"))
-                return True
-        else:
-            if tokens[paren - 3] not in ((_WORD, "pg_catalog"), (_QUOTED, "pg_catalog")):
-                return True
-            if before == (_CHAR, "."):
-                return True  # database.schema.function(
-            return name not in harmless
-        # Unqualified: a function of another schema on the search_path with
-        # the same name may be the one called, for some argument types.
-        return name not in harmless or name in own
+
+def _dirty_call(
+    tokens: list[tuple[int, str | None]],
+    first: int,
+    paren: int,
+    end: int,
+    harmless: frozenset[str],
+    syntax: frozenset[str],
+    own: frozenset[str],
+) -> bool:
+    """Whether ``name (`` before ``tokens[paren]`` is a call that may dirty the session."""
+    kind, name = tokens[paren - 1]
+    if kind == _WORD and name in syntax:
+        # A reserved keyword: SELECT (, IN (, COALESCE(...  SUBSTRING(a, b)
+        # and OVERLAY(a, b) are calls looked up on the search_path,
+        # though: an overload of your own may be picked.
+        return name in own
+    qualified = paren - 3 >= first and tokens[paren - 2] == (_CHAR, ".")
+    if qualified:
+        if tokens[paren - 3][0] not in (_WORD, _QUOTED):
+            return True  # (expr).f(: not something to prove harmless
+        before = tokens[paren - 4] if paren - 4 >= first else None
+    else:
+        before = tokens[paren - 2] if paren - 2 >= first else None
+    if before == (_WORD, "into"):
+        return False  # INSERT INTO [schema.]table (columns)
+    if not qualified:
+        if before == (_CHAR, ")") or before == (_WORD, "as"):
+            # f(x) FILTER (, OVER (, (subquery) t(a, b), AS t(a, b),
+            # AS MATERIALIZED (, CAST(x AS type(n)): not calls.
+            return False
+        if (
+            name == "by"
+            and kind == _WORD
+            and before in ((_WORD, "order"), (_WORD, "group"), (_WORD, "partition"))
+        ):
+            return False
+        if name == "conflict" and kind == _WORD and before == (_WORD, "on"):
+            # ON CONFLICT (columns) DO: "conflict(...)" followed by DO
+            # cannot parse as a call in a join condition.
+            depth = 0
+            for j in range(paren, end):
+                if tokens[j] == (_CHAR, "("):
+                    depth += 1
+                elif tokens[j] == (_CHAR, ")"):
+                    depth -= 1
+                    if depth == 0:
+                        return not (j + 1 < end and tokens[j + 1] == (_WORD, "do"))
+            return True
+    else:
+        if tokens[paren - 3] not in ((_WORD, "pg_catalog"), (_QUOTED, "pg_catalog")):
+            return True
+        if before == (_CHAR, "."):
+            return True  # database.schema.function(
+        return name not in harmless
+    # Unqualified: a function of another schema on the search_path with
+    # the same name may be the one called, for some argument types.
+    return name not in harmless or name in own
 
 
 def _mark(cursor: Any, query: object, with_params: bool) -> None:

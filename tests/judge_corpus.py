@@ -41,6 +41,20 @@ SETUP = [
     "CREATE OR REPLACE FUNCTION public.md5(integer) RETURNS text LANGUAGE sql AS "
     "$$ SELECT set_config('app.judge', 'shadow', false) $$",
     "CREATE SEQUENCE IF NOT EXISTS dpb_judge_seq",
+    # Code that runs when a relation is named: a view (and a view of it), a
+    # column default, a stored generated column, a row security policy.
+    "CREATE OR REPLACE VIEW dpb_judge_view AS SELECT dpb_judge_fn() AS v",
+    "CREATE OR REPLACE VIEW dpb_judge_view2 AS SELECT v FROM dpb_judge_view",
+    "CREATE TABLE IF NOT EXISTS dpb_judge_def (x int, v text DEFAULT dpb_judge_fn())",
+    "CREATE OR REPLACE FUNCTION dpb_judge_imm(integer) RETURNS text LANGUAGE plpgsql IMMUTABLE "
+    "AS $$ BEGIN RETURN set_config('app.judge', 'generated', false); END $$",
+    "CREATE TABLE IF NOT EXISTS dpb_judge_gen "
+    "(x int, v text GENERATED ALWAYS AS (dpb_judge_imm(x)) STORED)",
+    "INSERT INTO dpb_judge_gen (x) SELECT 1 WHERE NOT EXISTS (SELECT FROM dpb_judge_gen)",
+    "CREATE TABLE IF NOT EXISTS dpb_judge_rls (x int)",
+    "ALTER TABLE dpb_judge_rls ENABLE ROW LEVEL SECURITY",
+    "DROP POLICY IF EXISTS dpb_judge_rls ON dpb_judge_rls",
+    "CREATE POLICY dpb_judge_rls ON dpb_judge_rls USING (dpb_judge_fn() IS NOT NULL)",
 ]
 
 
@@ -115,6 +129,12 @@ CHANGES: list[Change] = [
     ),
     Change("insert_with_trigger", "INSERT INTO dpb_judge_trig VALUES (1)"),
     Change("attribute_notation", "SELECT r.dpb_judge_attr FROM dpb_judge_row r"),
+    Change("view", "SELECT v FROM dpb_judge_view"),
+    Change("view_of_view", "SELECT * FROM dpb_judge_view2"),
+    Change("column_default", "INSERT INTO dpb_judge_def (x) VALUES (1)"),
+    Change("generated_column", "UPDATE dpb_judge_gen SET x = 2"),
+    # Superusers (the test server's user) bypass row security.
+    Change("row_security_policy", "SELECT * FROM dpb_judge_rls", on_server=False),
     Change("begin", "BEGIN", on_server=False),
     Change("set_local", "SET LOCAL statement_timeout = 5", on_server=False),
     _call("set_config", "set_config", "set_config('app.judge', 'x', false)"),
@@ -209,12 +229,12 @@ CONTEXTS = [
     "WITH x AS (SELECT {}) SELECT * FROM x",
     "WITH x AS MATERIALIZED (SELECT {} AS v) SELECT v FROM x",
     "VALUES ({})",
-    "SELECT coalesce({}, 'x')",
+    "SELECT coalesce(({})::text, 'x')",
     "SELECT CASE WHEN true THEN {} END",
     "SELECT count(*) FILTER (WHERE {} IS NOT NULL) FROM dpb_judge_row",
-    "SELECT x FROM dpb_judge_row ORDER BY {}",
+    "SELECT x FROM dpb_judge_row ORDER BY ({})::text",
     "SELECT * FROM dpb_judge_row r, LATERAL (SELECT {}) l",
-    "SELECT ARRAY[{}]",
+    "SELECT ARRAY[({})::text]",
     "SELECT ({})::text",
     "SELECT CAST({} AS text)",
     "(SELECT {})",
@@ -223,7 +243,7 @@ CONTEXTS = [
     "UPDATE dpb_judge_row SET x = x WHERE {} IS NOT NULL",
     "DELETE FROM dpb_judge_row WHERE {} IS NULL",
     "INSERT INTO dpb_judge_row (x) SELECT 1 WHERE {} IS NULL",
-    "SELECT row_number() OVER (ORDER BY {}) FROM dpb_judge_row",
+    "SELECT row_number() OVER (ORDER BY ({})::text) FROM dpb_judge_row",
     "TABLE dpb_judge_row LIMIT 0; SELECT {}",
 ]
 
@@ -290,11 +310,7 @@ def _disguised_calls(change: Change) -> Iterator[tuple[str, str]]:
         yield "context", context.format(change.call)
     for gap in SEPARATORS:
         # Comments and white space between every token of the arguments too.
-        yield "call_separators", separate(context_call(change.call, gap), gap)
-
-
-def context_call(call: str, gap: str) -> str:
-    return f"SELECT{gap}{call}"
+        yield "call_separators", separate(f"SELECT {change.call}", gap)
 
 
 def corpus(random_cases: int = 2000, seed: int = 14) -> list[Case]:
@@ -309,7 +325,8 @@ def corpus(random_cases: int = 2000, seed: int = 14) -> list[Case]:
             cases.append(Case("case", change, recase(change.sql, how)))
         for prefix in PREFIXES:
             cases.append(Case("after_statement", change, prefix + change.sql))
-            cases.append(Case("before_statement", change, change.sql + "; " + prefix))
+            if "dpb_judge" not in prefix:  # a changed search_path or role may not see it
+                cases.append(Case("before_statement", change, change.sql + "; " + prefix))
         cases.append(Case("trailing_semicolon", change, change.sql + ";"))
         cases.append(Case("parenthesized_prefix", change, "(SELECT 1);" + change.sql))
         if change.call is not None:
@@ -319,12 +336,16 @@ def corpus(random_cases: int = 2000, seed: int = 14) -> list[Case]:
     for _ in range(random_cases):
         change = rng.choice(CHANGES)
         sql = change.sql
+        sep = rng.choice(SEPARATORS)
+        how = rng.choice(("upper", "lower", "mixed", "as is"))
         if change.call is not None and change.function is not None and rng.random() < 0.7:
             form = rng.choice(list(name_forms(change.function, change.qualifiable)))
             call = form + rng.choice(BEFORE_PAREN) + change.call[len(change.function) :]
-            sql = rng.choice(CONTEXTS).format(call)
-        sql = recase(sql, rng.choice(("upper", "lower", "mixed"))) if rng.random() < 0.5 else sql
-        sql = separate(sql, rng.choice(SEPARATORS))
+            # The context disguised, the call's own disguise kept as it is.
+            context = separate(rng.choice(CONTEXTS), sep)
+            sql = (context if how == "as is" else recase(context, how)).format(call)
+        else:
+            sql = separate(sql if how == "as is" else recase(sql, how), sep)
         prefixes = rng.sample(PREFIXES, rng.randint(0, 3))
         sql = "".join(prefixes) + rng.choice(SEPARATORS) + sql
         if rng.random() < 0.5:
@@ -361,6 +382,11 @@ CLEAN = [
     "SELECT x'1F', b'101', n'abc'",
     "SELECT 1.5e3, .5, 3.",
     "SELECT $1",
+    "SELECT name, setting FROM pg_settings",  # its rules run on UPDATE only
+    "SELECT x FROM dpb_judge_trig",  # triggers run on writes only
+    "SELECT x, v FROM dpb_judge_def",  # defaults run on inserts only
+    "UPDATE dpb_judge_def SET x = 2",
+    "INSERT INTO dpb_judge_row (x) VALUES (1)",  # neither trigger nor default of ours
     "",
     "  ;  ",
     "/* only a comment */",

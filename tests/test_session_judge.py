@@ -15,10 +15,11 @@ import psycopg
 import pytest
 from django.db import connection
 
+from django_pooled_backend.reset import build_reset_query
 from django_pooled_backend.session import StatementJudge
 
 from . import judge_corpus
-from .conftest import Wrappers, admin_dsn
+from .conftest import TRANSACTION_MODE, Wrappers, admin_dsn
 from .test_liveness import wait_until
 
 
@@ -369,6 +370,41 @@ def server_sample() -> list[Any]:
 
 
 SERVER_SAMPLE = server_sample()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(TRANSACTION_MODE, reason="runs no pool: once is enough")
+def test_every_generated_change_runs_on_the_server_and_changes_the_state(
+    judge: StatementJudge,
+) -> None:
+    # What the corpus claims of itself: each text meant for the server is
+    # valid SQL that leaves state a next borrower would see.  One
+    # connection, reset as the pool resets between cases.
+    cases = [case for case in CORPUS if case.change.on_server]
+    failures: dict[str, str] = {}
+    dsn = admin_dsn(connection.settings_dict["NAME"])
+    conn = psycopg.connect(dsn, autocommit=True)
+    try:
+        reset_query = build_reset_query([], conn)
+        clean = conn.execute(PROBE, []).fetchone()
+        for case in cases:
+            try:
+                conn.execute(case.sql)
+                if conn.execute(PROBE, []).fetchone() == clean:
+                    failures.setdefault(case.id, f"no state changed: {case.sql!r}")
+                conn.execute(reset_query)
+            except psycopg.Error as exc:
+                failures.setdefault(case.id, f"{exc}: {case.sql!r}")
+                conn.close()
+                conn = psycopg.connect(dsn, autocommit=True)
+                continue
+            if conn.execute(PROBE, []).fetchone() != clean:
+                conn.close()  # a state the reset does not undo: start afresh
+                conn = psycopg.connect(dsn, autocommit=True)
+    finally:
+        conn.close()
+    assert len(cases) > 4000
+    assert failures == {}
 
 
 def probe(wrapper: Any) -> tuple[Any, ...]:
