@@ -498,6 +498,9 @@ def _dirty_statement(
         if kind == _WORD:
             if value == "into" and tokens[i - 1] != (_WORD, "insert"):
                 return True  # SELECT ... INTO creates a table
+            if value == "uescape":
+                # U&"..." UESCAPE '!' is one name, which the lexer does not decode.
+                return True
             if value in _WATCH_WORDS:
                 said.add(value)
         elif kind != _QUOTED:

@@ -215,6 +215,8 @@ NAMES = [
     'pg_catalog/* . */."{}"',
     "{upper}",
     "{mixed}",
+    'U&"{}"',
+    "U&\"{escaped}\" UESCAPE '!' ",
 ]
 
 # Between a function's name and its parenthesis.
@@ -280,7 +282,8 @@ def name_forms(function: str, qualifiable: bool = True) -> Iterator[str]:
     for form in NAMES:
         if not qualifiable and "pg_catalog" in form.lower():
             continue
-        yield form.format(function, upper=function.upper(), mixed=_mixed(function))
+        escaped = f"!{ord(function[0]):04x}{function[1:]}"  # U& escape of the first letter
+        yield form.format(function, upper=function.upper(), mixed=_mixed(function), escaped=escaped)
 
 
 @dataclass(frozen=True)
