@@ -46,7 +46,9 @@ each statement must be harmless:
   that says ``INSERT``, ``UPDATE``, ``DELETE`` or ``MERGE``), a column
   default (one that says ``INSERT`` or ``DEFAULT``).  The code of views,
   policies, defaults and generated columns is read from the catalog and
-  judged as SQL; triggers and rules are not read: they count as dirty.
+  judged as SQL; triggers and rules are not read: they count as dirty.  A
+  partitioned or inheritance parent of such a relation counts as one, and
+  so does a table that a foreign key of such a relation cascades from.
 
 Parameters: when a statement has them, psycopg replaces ``%s`` and
 ``%(name)s`` everywhere in the text, strings included; so with parameters,
@@ -142,7 +144,16 @@ CATALOG_QUERY = (
     "'SELECT ' || pg_catalog.pg_get_expr(d.adbin, d.adrelid) "
     "FROM pg_catalog.pg_attrdef d JOIN pg_catalog.pg_class c ON c.oid = d.adrelid "
     "JOIN pg_catalog.pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum "
-    f"WHERE c.relnamespace NOT IN {_SYSTEM}) code)"
+    f"WHERE c.relnamespace NOT IN {_SYSTEM}) code), "
+    # Where a statement on one relation reaches another: a partition or an
+    # inheritance child through its parent, a table whose foreign key
+    # cascades (or sets null or default) through the table it references.
+    "(SELECT array_agg(ARRAY[r.relname::text, t.relname::text]) FROM ("
+    "SELECT inhrelid AS reached, inhparent AS through FROM pg_catalog.pg_inherits "
+    "UNION SELECT conrelid, confrelid FROM pg_catalog.pg_constraint WHERE contype = 'f' "
+    "AND (confdeltype IN ('c', 'n', 'd') OR confupdtype IN ('c', 'n', 'd'))) e "
+    "JOIN pg_catalog.pg_class r ON r.oid = e.reached "
+    "JOIN pg_catalog.pg_class t ON t.oid = e.through)"
 )
 
 # Which statements naming a watched relation run its code: any (a view, a
@@ -382,14 +393,16 @@ class StatementJudge:
         policy, a column default) is judged like a statement: a relation
         whose code may dirty the session dirties a statement that names it
         (for defaults, one that inserts or says DEFAULT).  A view of such a
-        view is found by judging again until nothing changes.  ``nextval()``
+        view is found by judging again until nothing changes, and so is a
+        partitioned or inheritance parent of such a relation, or a table
+        that a foreign key of such a relation cascades from.  ``nextval()``
         is let through in defaults: the sequence state it sets (``currval()``)
         is not tracked, as for identity columns, which do the same unseen.
         """
         row = conn.execute(CATALOG_QUERY, prepare=False).fetchone()
         if row is None or not row[0] or not row[2]:
             return  # not a catalog worth trusting: everything stays dirty
-        catalog, own, syntax, on_writes, foreign, code = row
+        catalog, own, syntax, on_writes, foreign, code, edges = row
         harmless = frozenset(
             f
             for f in catalog
@@ -414,6 +427,15 @@ class StatementJudge:
                     continue
                 if _judge(text, False, in_defaults if use == "insert" else learned):
                     watched[relation] = _widen(current, words)
+                    changed = True
+            for reached, through in edges or []:
+                below = watched.get(reached)
+                if below is None:
+                    continue
+                current = watched.get(through)
+                widened = _widen(current, below)
+                if widened != current:
+                    watched[through] = widened
                     changed = True
         # Published once complete: until then every statement is dirty.
         self._catalog = learned

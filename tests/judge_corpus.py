@@ -55,6 +55,20 @@ SETUP = [
     "ALTER TABLE dpb_judge_rls ENABLE ROW LEVEL SECURITY",
     "DROP POLICY IF EXISTS dpb_judge_rls ON dpb_judge_rls",
     "CREATE POLICY dpb_judge_rls ON dpb_judge_rls USING (dpb_judge_fn() IS NOT NULL)",
+    # Reached through another relation: a partition with a trigger, and a
+    # table with a trigger whose foreign key cascades updates of its parent.
+    "CREATE TABLE IF NOT EXISTS dpb_judge_part (x int) PARTITION BY LIST (x)",
+    "CREATE TABLE IF NOT EXISTS dpb_judge_part_1 PARTITION OF dpb_judge_part FOR VALUES IN (1)",
+    "CREATE OR REPLACE TRIGGER dpb_judge_part_trig BEFORE INSERT ON dpb_judge_part_1 "
+    "FOR EACH ROW EXECUTE FUNCTION dpb_judge_trig_fn()",
+    "CREATE TABLE IF NOT EXISTS dpb_judge_parent (id int PRIMARY KEY)",
+    "INSERT INTO dpb_judge_parent SELECT 1 WHERE NOT EXISTS (SELECT FROM dpb_judge_parent)",
+    "CREATE TABLE IF NOT EXISTS dpb_judge_child "
+    "(parent_id int REFERENCES dpb_judge_parent ON UPDATE CASCADE)",
+    "INSERT INTO dpb_judge_child SELECT id FROM dpb_judge_parent "
+    "WHERE NOT EXISTS (SELECT FROM dpb_judge_child)",
+    "CREATE OR REPLACE TRIGGER dpb_judge_child_trig BEFORE UPDATE ON dpb_judge_child "
+    "FOR EACH ROW EXECUTE FUNCTION dpb_judge_trig_fn()",
 ]
 
 
@@ -133,6 +147,8 @@ CHANGES: list[Change] = [
     Change("view_of_view", "SELECT * FROM dpb_judge_view2"),
     Change("column_default", "INSERT INTO dpb_judge_def (x) VALUES (1)"),
     Change("generated_column", "UPDATE dpb_judge_gen SET x = 2"),
+    Change("insert_into_partitioned", "INSERT INTO dpb_judge_part VALUES (1)"),
+    Change("cascading_foreign_key", "UPDATE dpb_judge_parent SET id = -id"),
     # Superusers (the test server's user) bypass row security.
     Change("row_security_policy", "SELECT * FROM dpb_judge_rls", on_server=False),
     Change("begin", "BEGIN", on_server=False),
@@ -390,6 +406,8 @@ CLEAN = [
     "SELECT x, v FROM dpb_judge_def",  # defaults run on inserts only
     "UPDATE dpb_judge_def SET x = 2",
     "INSERT INTO dpb_judge_row (x) VALUES (1)",  # neither trigger nor default of ours
+    "SELECT x FROM dpb_judge_part",  # a partition's trigger runs on writes only
+    "SELECT id FROM dpb_judge_parent",
     "",
     "  ;  ",
     "/* only a comment */",
