@@ -49,6 +49,9 @@ each statement must be harmless:
   judged as SQL; triggers and rules are not read: they count as dirty.  A
   partitioned or inheritance parent of such a relation counts as one, and
   so does a table that a foreign key of such a relation cascades from.
+  Domain checks are judged too: a domain whose check may dirty the session
+  counts as a relation named by any statement (a cast to it), and a table
+  with a column of it as one with a trigger.
 
 Parameters: when a statement has them, psycopg replaces ``%s`` and
 ``%(name)s`` everywhere in the text, strings included; so with parameters,
@@ -61,8 +64,8 @@ cached per SQL string (and per "with parameters or not"): the ORM sends the
 same few strings over and over, so a statement costs a dictionary lookup.
 
 What this cannot see: what runs without appearing in the SQL text nor in
-the code read from the catalog: casts, operators, domain checks and
-functions of ``pg_catalog`` (aggregates, comparisons of your own types)
+the code read from the catalog: casts, operators and functions of
+``pg_catalog`` (aggregates, comparisons of your own types)
 that call functions of your own; the sequence state that ``nextval()`` sets
 through a default or an identity column (``currval()``, ``lastval()``);
 objects created after the pool read the catalog; and statements sent
@@ -144,16 +147,32 @@ CATALOG_QUERY = (
     "'SELECT ' || pg_catalog.pg_get_expr(d.adbin, d.adrelid) "
     "FROM pg_catalog.pg_attrdef d JOIN pg_catalog.pg_class c ON c.oid = d.adrelid "
     "JOIN pg_catalog.pg_attribute a ON a.attrelid = d.adrelid AND a.attnum = d.adnum "
-    f"WHERE c.relnamespace NOT IN {_SYSTEM}) code), "
-    # Where a statement on one relation reaches another: a partition or an
-    # inheritance child through its parent, a table whose foreign key
-    # cascades (or sets null or default) through the table it references.
-    "(SELECT array_agg(ARRAY[r.relname::text, t.relname::text]) FROM ("
-    "SELECT inhrelid AS reached, inhparent AS through FROM pg_catalog.pg_inherits "
-    "UNION SELECT conrelid, confrelid FROM pg_catalog.pg_constraint WHERE contype = 'f' "
-    "AND (confdeltype IN ('c', 'n', 'd') OR confupdtype IN ('c', 'n', 'd'))) e "
-    "JOIN pg_catalog.pg_class r ON r.oid = e.reached "
-    "JOIN pg_catalog.pg_class t ON t.oid = e.through)"
+    f"WHERE c.relnamespace NOT IN {_SYSTEM} "
+    # Domain checks, under the domain's name (a cast to it runs them).
+    "UNION ALL SELECT t.typname, 'read', "
+    "regexp_replace(pg_catalog.pg_get_constraintdef(c.oid), '^CHECK ', 'SELECT ') "
+    "FROM pg_catalog.pg_constraint c JOIN pg_catalog.pg_type t ON t.oid = c.contypid "
+    "WHERE c.contype = 'c') code), "
+    # Where a statement on one name reaches another's code: a partition or
+    # an inheritance child through its parent (with the same statements), a
+    # table whose foreign key cascades (or sets null or default) through the
+    # table it references, a domain through a table with a column of it (or
+    # of an array of it) and through a domain over it (writes).
+    "(SELECT array_agg(ARRAY[reached, through, use]) FROM ("
+    "SELECT r.relname::text AS reached, t.relname::text AS through, 'same' AS use "
+    "FROM pg_catalog.pg_inherits i JOIN pg_catalog.pg_class r ON r.oid = i.inhrelid "
+    "JOIN pg_catalog.pg_class t ON t.oid = i.inhparent "
+    "UNION SELECT r.relname::text, t.relname::text, 'write' "
+    "FROM pg_catalog.pg_constraint f JOIN pg_catalog.pg_class r ON r.oid = f.conrelid "
+    "JOIN pg_catalog.pg_class t ON t.oid = f.confrelid WHERE f.contype = 'f' "
+    "AND (f.confdeltype IN ('c', 'n', 'd') OR f.confupdtype IN ('c', 'n', 'd')) "
+    "UNION SELECT d.typname::text, c.relname::text, 'write' "
+    "FROM pg_catalog.pg_type d JOIN pg_catalog.pg_attribute a "
+    "ON a.atttypid = d.oid OR a.atttypid = d.typarray "
+    "JOIN pg_catalog.pg_class c ON c.oid = a.attrelid WHERE d.typtype = 'd' "
+    "UNION SELECT d.typname::text, o.typname::text, 'same' "
+    "FROM pg_catalog.pg_type d JOIN pg_catalog.pg_type o ON o.typbasetype = d.oid "
+    "WHERE d.typtype = 'd') edges)"
 )
 
 # Which statements naming a watched relation run its code: any (a view, a
@@ -394,8 +413,10 @@ class StatementJudge:
         whose code may dirty the session dirties a statement that names it
         (for defaults, one that inserts or says DEFAULT).  A view of such a
         view is found by judging again until nothing changes, and so is a
-        partitioned or inheritance parent of such a relation, or a table
-        that a foreign key of such a relation cascades from.  ``nextval()``
+        partitioned or inheritance parent of such a relation, a table that a
+        foreign key of such a relation cascades from, and, for a domain
+        whose check may dirty the session, the domain's name (a cast), a
+        table with a column of it (writes) and a domain over it.  ``nextval()``
         is let through in defaults: the sequence state it sets (``currval()``)
         is not tracked, as for identity columns, which do the same unseen.
         """
@@ -428,12 +449,12 @@ class StatementJudge:
                 if _judge(text, False, in_defaults if use == "insert" else learned):
                     watched[relation] = _widen(current, words)
                     changed = True
-            for reached, through in edges or []:
+            for reached, through, use in edges or []:
                 below = watched.get(reached)
                 if below is None:
                     continue
                 current = watched.get(through)
-                widened = _widen(current, below)
+                widened = _widen(current, below if use == "same" else _WRITES)
                 if widened != current:
                     watched[through] = widened
                     changed = True

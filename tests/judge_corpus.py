@@ -69,6 +69,12 @@ SETUP = [
     "WHERE NOT EXISTS (SELECT FROM dpb_judge_child)",
     "CREATE OR REPLACE TRIGGER dpb_judge_child_trig BEFORE UPDATE ON dpb_judge_child "
     "FOR EACH ROW EXECUTE FUNCTION dpb_judge_trig_fn()",
+    # A domain whose check calls such a function, and a table with a column of it.
+    "CREATE OR REPLACE FUNCTION dpb_judge_check(integer) RETURNS boolean LANGUAGE plpgsql "
+    "AS $$ BEGIN PERFORM set_config('app.judge', 'domain', false); RETURN true; END $$",
+    "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_type WHERE typname = 'dpb_judge_dom') THEN "
+    "CREATE DOMAIN dpb_judge_dom AS integer CHECK (dpb_judge_check(VALUE)); END IF; END $$",
+    "CREATE TABLE IF NOT EXISTS dpb_judge_domtab (x dpb_judge_dom)",
 ]
 
 
@@ -149,6 +155,8 @@ CHANGES: list[Change] = [
     Change("generated_column", "UPDATE dpb_judge_gen SET x = 2"),
     Change("insert_into_partitioned", "INSERT INTO dpb_judge_part VALUES (1)"),
     Change("cascading_foreign_key", "UPDATE dpb_judge_parent SET id = -id"),
+    Change("domain_check_insert", "INSERT INTO dpb_judge_domtab VALUES (1)"),
+    Change("domain_check_cast", "SELECT 1::dpb_judge_dom"),
     # Superusers (the test server's user) bypass row security.
     Change("row_security_policy", "SELECT * FROM dpb_judge_rls", on_server=False),
     Change("begin", "BEGIN", on_server=False),
@@ -408,6 +416,7 @@ CLEAN = [
     "INSERT INTO dpb_judge_row (x) VALUES (1)",  # neither trigger nor default of ours
     "SELECT x FROM dpb_judge_part",  # a partition's trigger runs on writes only
     "SELECT id FROM dpb_judge_parent",
+    "SELECT x FROM dpb_judge_domtab",  # a domain's check runs on writes and casts
     "",
     "  ;  ",
     "/* only a comment */",

@@ -197,7 +197,7 @@ KINDS = sorted({case.kind for case in CORPUS})
 
 def test_the_corpus_disguises_every_change_every_way() -> None:
     per_kind = Counter(case.kind for case in CORPUS)
-    assert len(CORPUS) > 4000, per_kind
+    assert len(CORPUS) > 5500, per_kind
     changes = {change.name for change in judge_corpus.CHANGES}
     for kind in ("plain", "separators", "leading", "case", "after_statement"):
         assert {case.change.name for case in CORPUS if case.kind == kind} == changes, kind
