@@ -17,10 +17,13 @@ split at every ``;`` (one ``execute()`` may send several statements), and
 each statement must be harmless:
 
 * it starts with ``SELECT``, ``INSERT``, ``UPDATE``, ``DELETE``, ``WITH``,
-  ``VALUES``, ``TABLE``, ``SHOW``, ``SAVEPOINT``, ``RELEASE`` or
-  ``ROLLBACK TO`` (possibly after opening parentheses, for a ``SELECT``);
-  anything else (``SET``, ``PREPARE``, ``LISTEN``, ``DECLARE``, ``CREATE``,
-  ``DO``, ``CALL``, ``COPY``, ``EXECUTE``, ``BEGIN``...) is dirty;
+  ``VALUES``, ``TABLE``, ``SHOW`` (possibly after opening parentheses, for
+  a ``SELECT``), or is transaction control: ``SAVEPOINT``, ``RELEASE``,
+  ``ROLLBACK``, ``BEGIN``, ``START TRANSACTION``, ``COMMIT``, ``END``,
+  ``ABORT`` (a transaction is never lent open: the pool rolls back what
+  its borrower left open); anything else (``SET``, ``PREPARE``,
+  ``LISTEN``, ``DECLARE``, ``CREATE``, ``DO``, ``CALL``, ``COPY``,
+  ``EXECUTE``...) is dirty;
 * it has no ``INTO`` but ``INSERT INTO`` (``SELECT ... INTO`` creates a
   table);
 * every function call in it (a name, quoted or not, possibly qualified,
@@ -193,9 +196,11 @@ def _widen(current: frozenset[str] | None, words: frozenset[str]) -> frozenset[s
 _CACHE_SIZE = 4096
 
 # Statements that may start a harmless statement, and those after "(".
+# Transaction control too: a transaction is never lent open (the pool rolls
+# back what its borrower left open), and its characteristics end with it.
 _START = frozenset(
     {"select", "insert", "update", "delete", "with", "values", "table", "show"}
-    | {"savepoint", "release", "rollback"}
+    | {"savepoint", "release", "rollback", "begin", "start", "commit", "end", "abort"}
 )
 _PAREN_START = frozenset({"select", "with", "values", "table"})
 
@@ -516,13 +521,8 @@ def _dirty_statement(
     kind, word = tokens[first]
     if kind != _WORD or word not in (_PAREN_START if first > start else _START):
         return True
-    if word == "rollback":
-        # Only ROLLBACK [WORK | TRANSACTION] TO [SAVEPOINT] name.
-        nxt = first + 1
-        if nxt < end and tokens[nxt] in ((_WORD, "work"), (_WORD, "transaction")):
-            nxt += 1
-        if nxt >= end or tokens[nxt] != (_WORD, "to"):
-            return True
+    if word == "start" and (first + 1 >= end or tokens[first + 1] != (_WORD, "transaction")):
+        return True  # only START TRANSACTION
     # Words of watched relations named, and words of the statement that
     # run their code (INSERT, UPDATE, DEFAULT...), compared at the end.
     triggers: set[str] = set()

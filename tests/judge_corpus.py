@@ -159,7 +159,6 @@ CHANGES: list[Change] = [
     Change("domain_check_cast", "SELECT 1::dpb_judge_dom"),
     # Superusers (the test server's user) bypass row security.
     Change("row_security_policy", "SELECT * FROM dpb_judge_rls", on_server=False),
-    Change("begin", "BEGIN", on_server=False),
     Change("set_local", "SET LOCAL statement_timeout = 5", on_server=False),
     _call("set_config", "set_config", "set_config('app.judge', 'x', false)"),
     _call("advisory_lock", "pg_advisory_lock", "pg_advisory_lock(4242)"),

@@ -68,6 +68,15 @@ def judge(django_db_setup: None, django_db_blocker: Any) -> StatementJudge:
         "SELECT current_setting('TimeZone')",
         'SELECT "lower"(%s)',
         "  /* a comment first */ SELECT 1",
+        # Transaction control: a transaction is never lent open (rolled back on return).
+        "BEGIN",
+        "BEGIN ISOLATION LEVEL SERIALIZABLE",
+        "START TRANSACTION READ ONLY",
+        "COMMIT",
+        "COMMIT AND CHAIN",
+        "END",
+        "ROLLBACK",
+        "ABORT",
     ],
 )
 def test_orm_statements_leave_the_session_clean(judge: StatementJudge, sql: str) -> None:
@@ -97,7 +106,9 @@ def test_orm_statements_leave_the_session_clean(judge: StatementJudge, sql: str)
         "DO $$ BEGIN PERFORM 1; END $$",
         "CALL proc()",
         "COPY shop_item FROM STDIN",
-        "BEGIN",
+        "BEGIN; SET LOCAL statement_timeout = 5",
+        "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        "PREPARE TRANSACTION 'x'",
         b"SELECT 1",
     ],
 )
@@ -254,8 +265,7 @@ def test_placeholders_that_could_change_the_text_are_dirty(
         "SELECT x FROM dpb_judge_row JOIN dpb_judge_row y ON conflict(x)",
         "EXPLAIN ANALYZE SELECT 1",
         "MERGE INTO dpb_judge_row USING dpb_judge_row s ON true WHEN MATCHED THEN DO NOTHING",
-        "ROLLBACK",
-        "COMMIT",
+        "START dpb_judge",
         "NOTIFY dpb_judge",
         "LOCK TABLE dpb_judge_row",
         "select lo_create(0)",
