@@ -57,7 +57,8 @@ class PoolOptions:
     reconnect_timeout: float = 300.0
     num_workers: int = 2
     name: str | None = None
-    reset: ResetMode = "auto"
+    # The safe default: "auto" is only as safe as the statement judge.
+    reset: ResetMode = "always"
     check: CheckMode = "auto"
     check_after: float = 0.5
     leak_threshold: float | None = None
@@ -266,15 +267,16 @@ def parse_pool_options(alias: str, raw: object, *, where: Where | None = None) -
     if "reset" in raw:
         reset = raw["reset"]
         if reset is True or reset is False:
-            values["reset"] = "auto" if reset else "never"
+            values["reset"] = "always" if reset else "never"
         elif reset in ("auto", "always", "never"):
             values["reset"] = reset
         else:
             raise r.fail(
                 "reset",
                 "it must be 'auto', 'always', 'never', True or False",
-                "Leave it out ('auto'): a session that may have been changed is reset "
-                "before the next borrower gets it.",
+                "Leave it out ('always': every session is reset before the next borrower "
+                "gets it), or use 'auto' to reset only sessions that a statement may have "
+                "changed (see the 'reset' option in the docs for what it cannot see).",
             )
     if "transaction_pooling" in raw:
         if not isinstance(raw["transaction_pooling"], bool):

@@ -15,7 +15,7 @@ def test_true_gives_the_documented_defaults() -> None:
     options = parse_pool_options("default", True)
     assert options == PoolOptions()
     assert (options.min_size, options.max_size, options.timeout) == (1, 10, 10.0)
-    assert options.reset == "auto"
+    assert options.reset == "always"
     assert options.check == "auto"
 
 

@@ -131,7 +131,7 @@ def last_query(admin: psycopg.Connection[Any], pid: int) -> str:
 def test_a_clean_borrow_sends_no_reset_and_a_dirty_one_does(
     make_wrapper: Wrappers, admin: psycopg.Connection[Any]
 ) -> None:
-    wrapper = make_wrapper("judged", {"min_size": 1, "max_size": 1})
+    wrapper = make_wrapper("judged", {"min_size": 1, "max_size": 1, "reset": "auto"})
     with wrapper.cursor() as cursor:
         cursor.execute("SELECT pg_backend_pid()")
         (pid,) = cursor.fetchone()
@@ -147,7 +147,7 @@ def test_a_clean_borrow_sends_no_reset_and_a_dirty_one_does(
 def test_a_function_of_your_own_that_sets_session_state_triggers_the_reset(
     make_wrapper: Wrappers, admin: psycopg.Connection[Any]
 ) -> None:
-    wrapper = make_wrapper("ownfunc", {"min_size": 1, "max_size": 1})
+    wrapper = make_wrapper("ownfunc", {"min_size": 1, "max_size": 1, "reset": "auto"})
     with wrapper.cursor() as cursor:
         cursor.execute(
             "CREATE OR REPLACE FUNCTION dpb_set_tenant(t text) RETURNS text LANGUAGE sql "
@@ -430,12 +430,12 @@ def test_a_disguised_state_change_does_not_reach_the_next_borrower(
 ) -> None:
     setup_objects()
     alias = "judged_corpus"
-    first = make_wrapper(alias, {"min_size": 1, "max_size": 1, "timeout": 10})
+    first = make_wrapper(alias, {"min_size": 1, "max_size": 1, "timeout": 10, "reset": "auto"})
     before = probe(first)
     with first.cursor() as cursor:
         cursor.execute(sql)
     first.close()
-    second = make_wrapper(alias, {"min_size": 1, "max_size": 1, "timeout": 10})
+    second = make_wrapper(alias, {"min_size": 1, "max_size": 1, "timeout": 10, "reset": "auto"})
     after = probe(second)
     second.close()
     assert after[0] == before[0], "the pool of size 1 lent another server connection"

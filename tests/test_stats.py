@@ -42,7 +42,7 @@ def pool_of(alias: str) -> Any:
 
 
 def test_served_requests_resets_and_wait_window_are_counted(make_wrapper: Wrappers) -> None:
-    wrapper = make_wrapper("counted", {"min_size": 1, "max_size": 2})
+    wrapper = make_wrapper("counted", {"min_size": 1, "max_size": 2, "reset": "auto"})
     for _ in range(4):
         request_cycle(wrapper)  # leaves the session clean: no reset
     for _ in range(3):
