@@ -95,7 +95,7 @@ def test_a_value_of_the_wrong_type_names_the_query_parameter_not_the_password() 
         ("pool_timeout=inf", "it must be a positive, finite number of seconds"),
         ("pool_reset=maybe", "'pool_reset' of database URL postgres+pool://app:***@"),
         ("pool_check=sometimes", "it must be 'auto', 'always', 'never' or a callable"),
-        ("pool_max_sise=3", "has an unknown key 'max_sise' (value 3). Did you mean 'max_size'?"),
+        ("pool_max_sise=3", "has an unknown key 'max_sise'. Did you mean 'max_size'?"),
         ("pool_min_size=5&pool_max_size=2", "has min_size 5 greater than max_size 2"),
         ("pool_conninfo=x", "'pool_conninfo' of database URL postgres+pool://app:***@db"),
         ("pool_expected_processes=0", "it must be at least 1"),
