@@ -718,12 +718,10 @@ def test_no_process_is_said_plainly_and_fails_only_under_check(
             "The database alias 'nope' is not in settings.DATABASES (its aliases: 'default').",
         ),
         (["--json", "--prometheus"], "--json and --prometheus cannot be used together"),
-        (["--watch", "0"], "--watch needs a positive number of seconds, not 0."),
         (["--watch", "1", "--json"], "it cannot be combined with --json."),
         (["--watch", "1", "--check"], "it cannot be combined with --check."),
         (["--watch", "1", "--prometheus"], "it cannot be combined with --prometheus."),
         (["--max-wait", "3"], "--max-wait only applies with --check."),
-        (["--check", "--max-wait", "-1"], "--max-wait needs a number of seconds of 0 or more"),
         (["--server", "--prometheus"], "it cannot be combined with --prometheus."),
         (["--server", "--check"], "it cannot be combined with --check."),
     ],
@@ -733,6 +731,52 @@ def test_bad_input_is_a_one_line_command_error(args: list[str], message: str) ->
         call_command("poolstats", *args, stdout=StringIO())
     assert message in str(excinfo.value)
     assert "\n" not in str(excinfo.value)
+
+
+WATCH_RANGE = "is not a number of seconds more than 0 and at most 3600; use for example --watch 2."
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--watch", "inf"], "'inf' is not a finite number of seconds; use for example --watch 2."),
+        (["--watch", "nan"], "'nan' is not a finite number of seconds"),
+        (["--watch=-inf"], "'-inf' is not a finite number of seconds"),
+        (["--watch", "soon"], "'soon' is not a finite number of seconds"),
+        (["--watch", "0"], f"'0' {WATCH_RANGE}"),
+        (["--watch", "-1"], f"'-1' {WATCH_RANGE}"),
+        (["--watch", "1e300"], f"'1e300' {WATCH_RANGE}"),
+        (["--check", "--max-wait", "nan"], "'nan' is not a finite number of seconds"),
+        (["--check", "--max-wait", "inf"], "'inf' is not a finite number of seconds"),
+        (["--check", "--max-wait", "-1"], "'-1' is not a number of seconds of 0 or more"),
+    ],
+)
+def test_bad_seconds_are_a_usage_error(args: list[str], message: str) -> None:
+    with pytest.raises(CommandError) as excinfo:
+        call_command("poolstats", *args, stdout=StringIO())
+    flag = next(arg for arg in args if arg.startswith(("--watch", "--max-wait"))).split("=")[0]
+    assert str(excinfo.value).startswith(f"Error: argument {flag}: {message}")
+
+
+@pytest.mark.parametrize("seconds", ["inf", "nan", "-1", "0"])
+def test_bad_watch_seconds_from_the_command_line_print_usage_not_a_traceback(
+    seconds: str,
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "manage.py", "poolstats", "--watch", seconds],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("usage: manage.py poolstats")
+    assert result.stderr.splitlines()[-1].startswith(
+        f"manage.py poolstats: error: argument --watch: '{seconds}' is not a"
+    )
 
 
 def test_an_alias_of_another_engine_or_without_pool_is_refused(settings: Any) -> None:
