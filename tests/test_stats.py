@@ -350,14 +350,14 @@ def test_a_per_user_directory_another_user_controls_is_refused(tmp_path: Path) -
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     base.symlink_to(elsewhere)
-    with pytest.raises(PermissionError, match="is not a directory owned by uid"):
+    with pytest.raises(PermissionError, match="is a symbolic link owned by uid"):
         stats.ensure_directory(base / "project")
     base.unlink()
     stats.ensure_directory(base / "project")
     assert oct(base.stat().st_mode & 0o777) == oct(0o700)
     if os.getuid() == 0:
         os.chown(base, 12345, -1)
-        with pytest.raises(PermissionError, match="is not a directory owned by uid"):
+        with pytest.raises(PermissionError, match="is a directory owned by uid 12345, mode 0700"):
             stats.ensure_directory(base / "project")
 
 
@@ -409,7 +409,7 @@ def dead_pid() -> int:
 def test_snapshot_of_an_exited_process_is_removed_and_not_shown(tmp_path: Path) -> None:
     pid = dead_pid()
     path = write_published(tmp_path, pid)
-    leftover = tmp_path / f".{stats.HOSTNAME}.{pid}.tmp"
+    leftover = tmp_path / f".{stats.HOSTNAME}.{pid}.x1y2z3_a.tmp"
     leftover.write_text("{")
     out = StringIO()
     with override_settings(POOLED_BACKEND_STATS_DIR=str(tmp_path)):
@@ -440,6 +440,38 @@ def test_a_snapshot_not_refreshed_is_stale_never_live(tmp_path: Path) -> None:
     assert data["totals"] == []
     assert "django_pooled_backend_connections_lent{" not in metrics.getvalue()
     assert 'django_pooled_backend_processes{state="stale"} 1' in metrics.getvalue()
+
+
+def test_a_snapshot_stamped_in_the_future_is_stale_and_suspicious(tmp_path: Path) -> None:
+    path = write_published(tmp_path, os.getpid(), age=-3600)
+    with override_settings(POOLED_BACKEND_STATS_DIR=str(tmp_path)):
+        text, document = StringIO(), StringIO()
+        call_command("poolstats", stdout=text)
+        call_command("poolstats", "--json", stdout=document)
+        with pytest.raises(CommandError, match="suspicious pool statistics: it is stamped"):
+            call_command("poolstats", "--check", stdout=StringIO())
+    assert "Pools of 0 processes" in text.getvalue()
+    assert (
+        f"Suspicious: pid {os.getpid()} on {stats.HOSTNAME} (pytest): it is stamped 3600."
+        in text.getvalue()
+    )
+    assert f"check who can write {tmp_path}." in text.getvalue()
+    (process,) = json.loads(document.getvalue())["processes"]
+    assert process["stale"] is True
+    assert process["suspicious"].startswith("it is stamped 3600.")
+    assert process["age_s"] < -3599
+    # Kept, to be seen, while its pid runs; removed like any other once it does not.
+    assert path.exists()
+
+
+def test_a_snapshot_with_an_interval_no_process_uses_is_suspicious(tmp_path: Path) -> None:
+    path = write_published(tmp_path, os.getpid(), age=600)
+    data = json.loads(path.read_text())
+    data["interval"] = 1e9  # would never go stale nor be removed
+    path.write_text(json.dumps(data))
+    (published,) = stats.read_snapshots(tmp_path)
+    assert published.stale
+    assert published.suspicious == "its interval 1000000000.0 is not one a process publishes at"
 
 
 def test_a_snapshot_far_too_old_is_removed_whoever_wrote_it(tmp_path: Path) -> None:
@@ -595,6 +627,7 @@ def test_json_follows_the_documented_schema(two_processes: Path) -> None:
         "updated",
         "age_s",
         "stale",
+        "suspicious",
         "interval_s",
         "pools",
     }
