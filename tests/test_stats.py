@@ -6,6 +6,7 @@ from other processes; here each counter is driven on purpose.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,13 +22,14 @@ from typing import Any
 
 import psycopg
 import pytest
+from asgiref.sync import async_to_sync, sync_to_async
 from django.core.management import CommandError, call_command
-from django.db import OperationalError
+from django.db import OperationalError, connection
 from django.test import override_settings
 
-from django_pooled_backend import poolstats, registry, stats
+from django_pooled_backend import poolstats, registry, stats, tracking
 
-from .conftest import Wrappers, only_request_mode
+from .conftest import Wrappers, admin_dsn, only_request_mode
 from .test_pooling import request_cycle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -111,6 +113,117 @@ def test_oldest_holder_names_the_thread_and_where_it_borrowed(make_wrapper: Wrap
     assert "in hold" in holder["where"]
     assert holder["held_s"] >= 0
     assert snap["lent"] == 1
+
+
+def test_oldest_holder_blocked_in_a_library_names_the_application_frame_beside_it(
+    make_wrapper: Wrappers, admin: psycopg.Connection[Any], tmp_path: Path
+) -> None:
+    # The thread's innermost frames are psycopg's (site-packages), waiting
+    # for an advisory lock the test holds; the application frame is ours.
+    app = make_wrapper.application_name("blocked")
+    # Advisory locks are per database: take it in the test database.
+    locker = psycopg.connect(admin_dsn(connection.settings_dict["NAME"]), autocommit=True)
+    locker.execute("SELECT pg_advisory_lock(8151)")
+    errors: list[BaseException] = []
+
+    def wait_for_the_lock() -> None:
+        wrapper = make_wrapper("blocked", {"min_size": 1, "max_size": 2})
+        try:
+            with wrapper.cursor() as cursor:
+                cursor.execute("SELECT pg_advisory_lock(8151)")
+                cursor.execute("SELECT pg_advisory_unlock(8151)")
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            wrapper.close()
+
+    thread = threading.Thread(target=wait_for_the_lock, name="lock-waiter")
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not admin.execute(
+            "SELECT 1 FROM pg_stat_activity"
+            " WHERE application_name = %s AND wait_event_type = 'Lock'",
+            [app],
+        ).fetchone():
+            assert time.monotonic() < deadline, "the thread never waited for the lock"
+            time.sleep(0.01)
+        pool = pool_of("blocked")
+        (located,) = pool.holders.values()
+        borrowed = located.where_text()
+        pool.holders[id(located.conn)] = dataclasses.replace(located, located=False)
+        snap = stats.snapshot_pool(pool)
+    finally:
+        locker.close()
+        thread.join(30)
+    assert errors == []
+    # Borrowed right here: where the borrow was made is shown.
+    assert re.fullmatch(r"tests/test_stats\.py:\d+ in wait_for_the_lock", borrowed), borrowed
+    # Where the thread is now (shown for a holder that did not record its
+    # borrow): in psycopg, called from here.
+    holder = snap["oldest_holder"]
+    assert holder is not None
+    assert holder["thread"] == "lock-waiter"
+    where = holder["where"]
+    assert re.fullmatch(
+        r"tests/test_stats\.py:\d+ in wait_for_the_lock \(in psycopg/[\w/]+\.py:\d+ \w+\)", where
+    ), where
+    process = stats.snapshot_process([])
+    process["pools"] = [snap]
+    live = [stats.Published(process, 0.0, False)]
+    text = poolstats.render_text(poolstats.Report(tmp_path, None, time.time(), live=live))
+    assert f"lock-waiter at {where}" in text
+
+
+def test_a_borrow_made_through_asgiref_names_the_application_frame_that_called_it(
+    make_wrapper: Wrappers,
+) -> None:
+    # As Django runs an async view's ORM call: sync_to_async, in the thread
+    # that called async_to_sync; asgiref's frames are between ours and the
+    # borrow.
+    found: list[str] = []
+
+    def borrow_through_asgiref() -> None:
+        wrapper = make_wrapper("via_asgiref", {"min_size": 1, "max_size": 2})
+        async_to_sync(sync_to_async(wrapper.ensure_connection, thread_sensitive=True))()
+        found.append(stats.snapshot_pool(pool_of("via_asgiref"))["oldest_holder"]["where"])  # type: ignore[index]
+        wrapper.close()
+
+    thread = threading.Thread(target=borrow_through_asgiref)
+    thread.start()
+    thread.join(30)
+    (where,) = found
+    assert re.fullmatch(
+        r"tests/test_stats\.py:\d+ in borrow_through_asgiref \(in asgiref/sync\.py:\d+ \w+\)",
+        where,
+    ), where
+
+
+def test_a_thread_with_no_application_frame_is_shown_in_its_library_frame(
+    admin: psycopg.Connection[Any],
+) -> None:
+    admin.execute("SELECT pg_advisory_lock(8152)")
+    other = psycopg.connect(admin_dsn(), autocommit=True)
+    # Started straight into psycopg: no frame of the application at all.
+    thread = threading.Thread(target=other.execute, args=("SELECT pg_advisory_lock(8152)",))
+    thread.start()
+    try:
+        pid = other.info.backend_pid
+        deadline = time.monotonic() + 30
+        while not admin.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'", [pid]
+        ).fetchone():
+            assert time.monotonic() < deadline, "the thread never waited for the lock"
+            time.sleep(0.01)
+        holder = tracking.Holder(other, thread, time.monotonic(), None, None, located=False)
+        where = holder.where_text()
+    finally:
+        admin.execute("SELECT pg_advisory_unlock(8152)")
+        thread.join(30)
+        other.close()
+    assert re.fullmatch(
+        r"psycopg/[\w/]+\.py:\d+ \w+ \(no application code on the stack\)", where
+    ), where
 
 
 def test_timeouts_and_waiters_are_counted_and_timed_out_waiters_are_not_waiting(
