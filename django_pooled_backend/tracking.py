@@ -53,15 +53,6 @@ OWN, STDLIB, LIBRARY, APP = range(4)
 _kinds: dict[int, tuple[CodeType, int]] = {}
 
 
-def _kind_of(code: CodeType) -> int:
-    known = _kinds.get(id(code))
-    if known is not None and known[0] is code:
-        return known[1]
-    kind = _classify(code.co_filename)
-    _kinds[id(code)] = (code, kind)
-    return kind
-
-
 def _classify(filename: str) -> int:
     if filename.startswith((_PACKAGE_DIR, _DJANGO_DIR)):
         return OWN
@@ -83,18 +74,24 @@ def _locate(
     frame, returned as the library frame).  ``stack`` collects every frame.
     """
     library: Place | None = None
+    kinds = _kinds
     while frame is not None:
         code = frame.f_code
-        place = (code, frame.f_lineno)
         if stack is not None:
-            stack.append(place)
-        kind = _kind_of(code)
+            stack.append((code, frame.f_lineno))
+        # _kind_of(), inlined: this loop runs on every recorded borrow.
+        known = kinds.get(id(code))
+        if known is not None and known[0] is code:
+            kind = known[1]
+        else:
+            kind = _classify(code.co_filename)
+            kinds[id(code)] = (code, kind)
         if kind == APP:
             if stack is not None:
                 _rest(frame.f_back, stack)
-            return place, library
+            return (code, frame.f_lineno), library
         if kind == LIBRARY and library is None:
-            library = place
+            library = (code, frame.f_lineno)
         frame = frame.f_back
     return None, library
 
