@@ -42,9 +42,10 @@ Place = tuple[CodeType, int]
 # What a frame's code is.  The "where" of a borrow is the innermost frame
 # of the application's own code (APP); a frame of a third-party package
 # (LIBRARY: gunicorn, psycopg, asgiref...) inside it is shown beside it.
-# Django's and this package's frames (OWN) are the mechanics of every
-# borrow and say nothing; the standard library's (STDLIB) neither.
-OWN, STDLIB, LIBRARY, APP = range(4)
+# Django's and this package's frames are the mechanics of every borrow and
+# say nothing, the standard library's neither (SKIPPED: false, so that the
+# walk up the stack passes them with one test).
+SKIPPED, LIBRARY, APP = 0, 1, 2
 
 # The kind of each code object, by id(): a code object computes its hash
 # from its name, constants and names every time it is asked, which cost
@@ -55,11 +56,11 @@ _kinds: dict[int, tuple[CodeType, int]] = {}
 
 def _classify(filename: str) -> int:
     if filename.startswith((_PACKAGE_DIR, _DJANGO_DIR)):
-        return OWN
+        return SKIPPED
     if filename.startswith(_SITE_DIRS) or any(mark in filename for mark in _SITE_MARKS):
         return LIBRARY
     if filename.startswith(_STDLIB_DIRS) or filename.startswith("<"):
-        return STDLIB  # "<frozen importlib._bootstrap>", "<string>"
+        return SKIPPED  # the standard library, "<frozen importlib._bootstrap>", "<string>"
     return APP
 
 
@@ -86,12 +87,13 @@ def _locate(
         else:
             kind = _classify(code.co_filename)
             kinds[id(code)] = (code, kind)
-        if kind == APP:
-            if stack is not None:
-                _rest(frame.f_back, stack)
-            return (code, frame.f_lineno), library
-        if kind == LIBRARY and library is None:
-            library = (code, frame.f_lineno)
+        if kind:
+            if kind == APP:
+                if stack is not None:
+                    _rest(frame.f_back, stack)
+                return (code, frame.f_lineno), library
+            if library is None:
+                library = (code, frame.f_lineno)
         frame = frame.f_back
     return None, library
 
