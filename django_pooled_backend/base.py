@@ -214,10 +214,20 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             f"{sd['USER'] or '(default user)'}@{sd['HOST'] or '(default host)'}"
             f"{':' + str(sd['PORT']) if sd['PORT'] else ''}/{kwargs.get('dbname', '')}"
         )
-        from .reset import configure_statements
+        from .reset import configure_statements, startup_options
 
-        configure_sql = configure_statements(self.timezone_name, sd["OPTIONS"].get("assume_role"))
-        if options.transaction_pooling:
+        role = sd["OPTIONS"].get("assume_role")
+        if not options.transaction_pooling:
+            # The time zone as a session default, which the reset keeps: no
+            # SET on connect nor after each reset.  Last, so that it wins
+            # over a time zone in the user's own options, as Django's SET
+            # after connecting does.  The role is SET (see reset.py).
+            startup = startup_options(self.timezone_name)
+            if startup:
+                kwargs["options"] = f"{kwargs.get('options') or ''} {startup}".strip()
+            configure_sql = configure_statements(None, role)
+        else:
+            configure_sql = configure_statements(self.timezone_name, role)
             # Through PgBouncer, the reset's RESET ALL falls back to the
             # application_name of whichever server connection runs it.
             configure_sql.append(

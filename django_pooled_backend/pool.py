@@ -515,13 +515,17 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 # release hands the GIL to one of them and the borrower waits
                 # to get it back (bench/: 0.79x persistent connections' throughput
                 # at 4 threads, against 0.94x without).
-                pgconn.consume_input()
+                try:
+                    pgconn.consume_input()
+                except e.OperationalError:
+                    # The goodbye may have been read already (with the
+                    # reset's answer): it, not the closed socket, is why.
+                    self._raise_goodbye(conn)
+                    raise
                 if pgconn.transaction_status == TransactionStatus.ACTIVE:
                     raise e.OperationalError("the connection is still running a query")
                 pgconn.get_result()
-                goodbye = conn._dpb_goodbye
-                if goodbye is not None and goodbye.message is not None:
-                    raise e.OperationalError(f"the server closed the connection: {goodbye.message}")
+                self._raise_goodbye(conn)
             if (
                 self.options.check == "always"
                 or time.monotonic() - conn._dpb_last_ok > self.options.check_after
@@ -536,6 +540,13 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             conn._dpb_discard_reason = f"{reason}: {exc}"  # signals
             conn.close()
             raise
+
+    @staticmethod
+    def _raise_goodbye(conn: PooledConnection) -> None:
+        """Raise with what the server said before closing ``conn``, if it said anything."""
+        goodbye = conn._dpb_goodbye
+        if goodbye is not None and goodbye.message is not None:
+            raise e.OperationalError(f"the server closed the connection: {goodbye.message}")
 
     # -- borrowers that never come back ------------------------------------
 

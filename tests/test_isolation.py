@@ -238,7 +238,11 @@ def test_a_connection_whose_reset_fails_is_discarded_not_reused(
             row = admin.execute(
                 "SELECT state, query FROM pg_stat_activity WHERE pid = %s", [pid]
             ).fetchone()
-            if row is not None and row[0] == "idle" and row[1].startswith("CLOSE ALL"):
+            if (
+                row is not None
+                and row[0] == "idle"
+                and row[1].startswith(("DISCARD ALL", "CLOSE ALL"))
+            ):
                 break
             time.sleep(0.02)
         else:

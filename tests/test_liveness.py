@@ -136,7 +136,11 @@ def test_borrow_check_lets_no_other_thread_run(make_wrapper: Wrappers) -> None:
         pytest.fail("psycopg's C implementation is needed: pip install 'psycopg[binary]'")
     # check_after: starting the spinner takes a switch interval, after which
     # a borrow would make its round trip (which rightly lets others run).
-    wrapper = make_wrapper("gil", {"min_size": 1, "max_size": 2, "check_after": 3600})
+    # reset "auto": a clean session has no reset whose answer to wait for
+    # (waiting for the server rightly lets others run too).
+    wrapper = make_wrapper(
+        "gil", {"min_size": 1, "max_size": 2, "check_after": 3600, "reset": "auto"}
+    )
     for _ in range(3):  # the pool filled, the connection parked
         backend_pid(wrapper)
         wrapper.close()
