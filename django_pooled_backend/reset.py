@@ -110,10 +110,7 @@ def _error_of_results(pgconn: Any) -> str | None:
     error: str | None = None
     try:
         while (result := pgconn.get_result()) is not None:
-            if (
-                result.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK)
-                and error is None
-            ):
+            if result.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK) and error is None:
                 error = (result.error_message or b"").decode(errors="replace").strip()
     except e.OperationalError:
         pass  # nothing more to read: what came before is all there is
