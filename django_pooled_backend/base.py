@@ -237,8 +237,22 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     @property
     def pool(self) -> DjangoConnectionPool | None:
-        """The pool this connection borrows from, as Django's backend defines it."""
-        return self._current_pool() if self.is_pooled else None
+        """The pool this connection borrows from, as Django's backend defines it.
+
+        As Django's does, it refuses persistent connections before it makes
+        a pool: one made here would not be closed by anything.
+        """
+        if not self.is_pooled:
+            return None
+        max_age = self.settings_dict.get("CONN_MAX_AGE", 0)
+        if max_age != 0:
+            raise ImproperlyConfigured(
+                "Pooling doesn't support persistent connections: "
+                f"DATABASES[{self.alias!r}]['CONN_MAX_AGE'] is {max_age!r}. Set "
+                "CONN_MAX_AGE to 0 (the default), or set OPTIONS['pool'] to False "
+                "to use persistent connections instead."
+            )
+        return self._current_pool()
 
     def close_pool(self) -> None:
         """Close the pools of this alias (Django calls this around test databases)."""
