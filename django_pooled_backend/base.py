@@ -37,6 +37,7 @@ from . import (
     checks,  # noqa: F401 - registers the system checks, even without the app
     registry,
 )
+from .creation import DatabaseCreation
 from .options import PoolOptions, parse_pool_options
 
 if not is_psycopg3:  # pragma: no cover - depends on the environment
@@ -69,6 +70,9 @@ _RELEASABLE = frozenset({TransactionStatus.IDLE, TransactionStatus.UNKNOWN})
 
 class DatabaseWrapper(postgresql.DatabaseWrapper):
     """A PostgreSQL connection whose server connection comes from a pool."""
+
+    # Closes every pool to a test database before dropping or cloning it.
+    creation_class = DatabaseCreation
 
     # Transaction-scoped release.  These class values are request-scoped
     # release; connect() sets instance values when the alias releases per
