@@ -487,6 +487,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 self._lender.give_back(conn)
 
     def create_cursor(self, name: str | None = None) -> Any:
+        if self.connection is None and self._released_from is not None:
+            # A statement run after connecting but before this cursor (by
+            # code wrapping ensure_connection(), as Django's test_utils
+            # tests do) gave the connection back: borrow again.
+            self.connect()
         if name and self.is_pooled and self.connection is not None:
             # A server-side cursor is declared WITH HOLD outside transactions.
             self.connection._dpb_dirty = True
