@@ -251,7 +251,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         max_age = self.settings_dict.get("CONN_MAX_AGE", 0)
         if max_age != 0:
             raise ImproperlyConfigured(
-                "Pooling doesn't support persistent connections: "
+                "Pooling doesn't support persistent connections. "
                 f"DATABASES[{self.alias!r}]['CONN_MAX_AGE'] is {max_age!r}. Set "
                 "CONN_MAX_AGE to 0 (the default), or set OPTIONS['pool'] to False "
                 "to use persistent connections instead."

@@ -211,7 +211,8 @@ def test_pool_property_refuses_persistent_connections_before_making_a_pool(
     with pytest.raises(ImproperlyConfigured) as excinfo:
         wrapper.pool  # noqa: B018
     message = str(excinfo.value)
-    assert message.startswith("Pooling doesn't support persistent connections")
+    # Django's own sentence first: its tests look for it.
+    assert message.startswith("Pooling doesn't support persistent connections. ")
     assert "DATABASES['aged_pool']['CONN_MAX_AGE'] is 10" in message
     assert registry.pools_for_alias("aged_pool") == []
 
