@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
-from tests.django_suite.run import Outcome, parse_output, regressions, report
+from pathlib import Path
+
+import pytest
+
+from tests.django_suite.run import (
+    Outcome,
+    now_passing,
+    parse_output,
+    read_known,
+    regressions,
+    report,
+)
 
 FAILED_RUN = """\
 Testing against Django installed in '/x/django' with up to 2 processes
@@ -99,19 +110,60 @@ def outcome(text: str, returncode: int, leftover: list[str] | None = None) -> Ou
 def test_only_what_ours_does_worse_than_stock_counts() -> None:
     same = regressions({"stock": outcome(FAILED_RUN, 1), "request": outcome(FAILED_RUN, 1)})
     assert same == []
-    worse = regressions(
-        {
-            "stock": outcome(OK_RUN, 0),
-            "request": outcome(FAILED_RUN, 1),
-            "transaction": outcome(OK_RUN, 0, leftover=["test_django_suite_transaction"]),
-        }
+    worse = [
+        str(problem)
+        for problem in regressions(
+            {
+                "stock": outcome(OK_RUN, 0),
+                "request": outcome(FAILED_RUN, 1),
+                "transaction": outcome(OK_RUN, 0, leftover=["test_django_suite_transaction"]),
+            }
+        )
+    ]
+    assert worse[0] == "ours request: rc 1, stock rc 0"
+    assert worse[2] == (
+        "ours request: FAIL: test_thread_local (backends.tests.ThreadTests.test_thread_local): "
+        "AssertionError: 1 != 3"
     )
-    assert "ours request: rc 1, stock rc 0" in worse
-    assert "ours request: FAIL: test_thread_local (backends.tests.ThreadTests" in ("\n".join(worse))
     assert worse[-1] == (
         "ours transaction: left test databases behind: test_django_suite_transaction"
     )
     assert len(worse) == 1 + 3 + 1
+
+
+def test_known_failures_excuse_themselves_and_the_exit_status_they_cause() -> None:
+    results = {"stock": outcome(OK_RUN, 0), "request": outcome(FAILED_RUN, 1)}
+    ids = [
+        "test_utils.tests.AssertNumQueriesUponConnectionTests.test_ignores",
+        "backends.tests.ThreadTests.test_thread_local",
+        "backends.tests.Chained.test_chained",
+    ]
+    all_known = frozenset(("request", test) for test in ids)
+    assert all(problem.known for problem in regressions(results, all_known))
+    # One failure not listed: it counts, and so does the exit status.
+    some_known = frozenset(("request", test) for test in ids[1:])
+    unknown = [str(p) for p in regressions(results, some_known) if not p.known]
+    assert unknown == [
+        "ours request: rc 1, stock rc 0",
+        "ours request: ERROR: test_ignores (test_utils.tests.AssertNumQueriesUponConnectionTests"
+        ".test_ignores): AttributeError: 'NoneType' object has no attribute 'cursor'",
+    ]
+
+
+def test_known_failures_that_pass_are_reported() -> None:
+    results = {"backends": {"request": outcome(OK_RUN, 0)}}
+    known = frozenset({("request", "backends.tests.ThreadTests.test_thread_local")})
+    assert now_passing(results, known) == ["request backends.tests.ThreadTests.test_thread_local"]
+    assert now_passing({}, known) == []
+
+
+def test_the_known_file_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "known.txt"
+    path.write_text("# why\ntransaction test_utils.tests.A.test_b  # because\n\n")
+    assert read_known(path) == {("transaction", "test_utils.tests.A.test_b")}
+    path.write_text("ours test_utils.tests.A.test_b\n")
+    with pytest.raises(SystemExit, match=r"expected 'ENGINE DOTTED\.TEST\.ID'"):
+        read_known(path)
 
 
 def test_the_table_in_markdown_and_rst() -> None:
