@@ -131,6 +131,19 @@ def test_only_what_ours_does_worse_than_stock_counts() -> None:
     assert len(worse) == 1 + 3 + 1
 
 
+def test_a_database_stock_leaves_behind_too_is_not_ours_to_answer_for() -> None:
+    crashed = "Traceback (most recent call last):\nNotSupportedError: no uuid-ossp\n"
+    results = {
+        "stock": outcome(crashed, 1, leftover=["test_django_suite_stock"]),
+        "request": outcome(crashed, 1, leftover=["test_django_suite_request"]),
+    }
+    assert regressions(results) == []
+    del results["stock"]
+    assert [str(p) for p in regressions(results)] == [
+        "ours request: left test databases behind: test_django_suite_request"
+    ]
+
+
 def test_known_failures_excuse_themselves_and_the_exit_status_they_cause() -> None:
     results = {"stock": outcome(OK_RUN, 0), "request": outcome(FAILED_RUN, 1)}
     ids = [
