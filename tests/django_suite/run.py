@@ -615,7 +615,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(ENGINES),
         help="comma-separated engine configurations among %(default)s",
     )
-    parser.add_argument("--parallel", type=int, default=2, help="runtests.py --parallel")
+    parser.add_argument(
+        "--parallel", type=int, default=2, help="runtests.py --parallel (default: 2)"
+    )
     parser.add_argument(
         "--timeout",
         type=float,
@@ -656,6 +658,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "uuid-ossp, which model_fields and postgres_tests need)",
     )
     parser.add_argument("--cache", type=Path, default=CACHE, help="download cache directory")
+    parser.add_argument(
+        "--logs",
+        type=Path,
+        help="where each runtests.py's output goes, as ENGINE-MODULE.log (default: "
+        "logs/ in the cache directory)",
+    )
     args = parser.parse_args(argv)
     args.modules = [m for m in args.modules.split(",") if m]
     args.engines = [e for e in args.engines.split(",") if e]
@@ -693,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     version = django_version()
     tests = django_tests(version, args.cache)
     settings_dir = args.cache / "settings"
-    logs = args.cache / "logs"
+    logs = args.logs or args.cache / "logs"
     results: dict[str, dict[str, Outcome]] = {}
     started = time.monotonic()
     meta = {"django": version, "python": sys.version.split()[0], "parallel": args.parallel}
