@@ -266,6 +266,12 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     @async_unsafe
     def connect(self) -> None:
+        if self.connection is not None and self.is_pooled:
+            # connect() on a connected object (Django's servers tests do it)
+            # replaces the connection; Django leaves the old one to the
+            # garbage collector, but a pooled one must go back, or it stays
+            # lent out to this object for good.
+            self._close()
         lender = self._released_from
         if lender is not None:
             self._released_from = None

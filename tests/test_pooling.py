@@ -217,6 +217,21 @@ def test_pool_property_refuses_persistent_connections_before_making_a_pool(
     assert registry.pools_for_alias("aged_pool") == []
 
 
+def test_connect_while_connected_gives_the_previous_connection_back(
+    make_wrapper: Wrappers,
+) -> None:
+    wrapper = make_wrapper("reconnected", {"min_size": 1, "max_size": 2})
+    wrapper.ensure_connection()
+    pool = wrapper.pool
+    assert pool is not None
+    # Django's connect() replaces the connection without closing it.
+    wrapper.connect()
+    wrapper.connect()
+    assert len(pool.holders) == 1
+    wrapper.close()
+    assert pool.holders == {}
+
+
 def test_pool_false_uses_plain_connections(
     make_wrapper: Wrappers, admin: psycopg.Connection[Any]
 ) -> None:
