@@ -594,7 +594,10 @@ def report(
             yield f"- {module}: {problem}"
     if gone := now_passing(results, known):
         yield ""
-        yield "Known failures that passed in this run (remove them from the --known file):"
+        yield (
+            "Known failures that passed in this run (remove a line from the --known file "
+            "once its test passes for good):"
+        )
         yield ""
         yield from (f"- {line}" for line in gone)
 
