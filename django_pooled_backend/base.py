@@ -326,6 +326,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         assert pool is not None
         if (
             pool.retired
+            # check_settings() refuses it: the full connect() says so.
+            or self.settings_dict["CONN_MAX_AGE"] != 0
             or self.run_commit_hooks_on_set_autocommit_on  # set_autocommit() runs them
             or self._pool_key() != self._reconnect_key
         ):
