@@ -326,8 +326,6 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         assert pool is not None
         if (
             pool.retired
-            # check_settings() refuses it: the full connect() says so.
-            or self.settings_dict["CONN_MAX_AGE"] != 0
             or self.run_commit_hooks_on_set_autocommit_on  # set_autocommit() runs them
             or self._pool_key() != self._reconnect_key
         ):
@@ -434,11 +432,21 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return self.autocommit
         return super().get_autocommit()
 
-    def ensure_connection(self) -> None:
+    # Where a connection taken back by the pool (see
+    # DjangoConnectionPool.revoke()) is noticed: before a cursor is made and
+    # before autocommit changes (atomic() starts there), not in
+    # ensure_connection(), which Django's own tests replace with a mock that
+    # calls the original.
+
+    def _cursor(self, name: str | None = None) -> Any:
+        self.drop_if_revoked()
+        return super()._cursor(name)  # type: ignore[misc]
+
+    def drop_if_revoked(self) -> None:
+        """Forget the connection if the pool took it back: the next use connects again."""
         conn = self.connection
         if conn is not None and getattr(conn, "_dpb_revoked", None) is not None:
             self._forget_revoked(conn, explain=True)
-        super().ensure_connection()
 
     def _forget_revoked(self, conn: PooledConnection, *, explain: bool) -> None:
         """Drop a connection the pool took back (see ``DjangoConnectionPool.revoke()``).
@@ -508,6 +516,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         return self._lender.borrow(self)
 
     def _set_autocommit(self, autocommit: bool) -> None:
+        if self.is_pooled and getattr(self.connection, "_dpb_revoked", None) is not None:
+            self.drop_if_revoked()
+            self.connect()
         conn = self.connection
         if (
             self.is_pooled

@@ -61,11 +61,9 @@ class ReleasingCursorMixin:
         """Make sure the psycopg cursor is on the connection this wrapper's db holds now."""
         db = self.db
         cursor = self.cursor
-        conn = db.connection
-        if conn is not None and conn._dpb_revoked is not None:
-            # Taken back by the pool while pinned (see max_idle_lent):
-            # ensure_connection() says what was lost, or borrows again.
-            db.ensure_connection()
+        # Taken back by the pool while pinned: say what was lost, or borrow
+        # again below.
+        db.drop_if_revoked()
         if cursor.connection is db.connection or cursor.closed or self._server_ref is not None:
             # Already there; or closed, which psycopg reports when it is used
             # (as with request-scoped release); or server-side, which keeps

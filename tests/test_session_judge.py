@@ -15,7 +15,7 @@ import psycopg
 import pytest
 from django.db import connection
 
-from django_pooled_backend.reset import build_reset_query
+from django_pooled_backend.reset import build_reset_query, finish_reset, send_reset
 from django_pooled_backend.session import StatementJudge
 
 from . import judge_corpus
@@ -402,7 +402,10 @@ def test_every_generated_change_runs_on_the_server_and_changes_the_state(
                 conn.execute(case.sql)
                 if conn.execute(PROBE, []).fetchone() == clean:
                     failures.setdefault(case.id, f"no state changed: {case.sql!r}")
-                conn.execute(reset_query)
+                # As the pool does: sent, then read (and psycopg's own
+                # prepared statements forgotten with the server's).
+                send_reset(conn, reset_query)
+                finish_reset(conn, 10.0)
             except psycopg.Error as exc:
                 failures.setdefault(case.id, f"{exc}: {case.sql!r}")
                 conn.close()
