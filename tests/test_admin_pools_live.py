@@ -213,6 +213,8 @@ def test_staff_see_every_worker_pool_as_poolstats_reports_it(browser: Any, serve
             timeout=60,
             what="the utilisation chart to draw a line per worker",
         )
+        # The script ran: its message for when it does not is gone.
+        assert not browser.find_elements("id", "pools-script-missing")
         time.sleep(8)  # the load goes on: a few seconds of history to draw
         wait_for(lambda: server.total("lent") > 0, what="connections lent under load")
     server.idle()
