@@ -140,6 +140,34 @@ def check_foreign_pool_settings(
     return messages
 
 
+@checks.register()
+def check_pool_parameters_without_the_engine(
+    app_configs: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """``pool_*`` options on Django's own PostgreSQL backend: a URL without ``+pool``."""
+    errors: list[checks.CheckMessage] = []
+    for alias, config in settings.DATABASES.items():
+        if config.get("ENGINE") != "django.db.backends.postgresql":
+            continue
+        params = [key for key in config.get("OPTIONS") or {} if str(key).startswith("pool_")]
+        if not params:
+            continue
+        names = ", ".join(repr(param) for param in params)
+        errors.append(
+            checks.Error(
+                f"DATABASES[{alias!r}]['OPTIONS'] has {names}, options of "
+                "django_pooled_backend, but the ENGINE is Django's own PostgreSQL backend, "
+                "which has no such option: there is no pool, and libpq refuses them at the "
+                "first connection. A postgres:// database URL (without +pool) gives this.",
+                hint="Use a postgres+pool:// URL, or set ENGINE to 'django_pooled_backend' "
+                "and move them into OPTIONS['pool'] without the 'pool_' prefix. "
+                + DOCS.format("'Configuration'"),
+                id="django_pooled_backend.E006",
+            )
+        )
+    return errors
+
+
 def _translate_pool_options(carried: object) -> str:
     """django-db-connection-pool's POOL_OPTIONS in this ENGINE's words."""
     if not isinstance(carried, Mapping):

@@ -248,3 +248,19 @@ def test_keys_of_django_s_pool_that_are_refused_point_at_the_migration_page(
     [message] = all_messages(default=database(OPTIONS={"pool": pool}))
     assert message.id == "django_pooled_backend.E001"
     assert "'Migrating' page" in message.hint
+
+
+def test_pool_parameters_on_django_s_own_backend_are_an_error() -> None:
+    # What dj-database-url (or django-environ without our module) makes of
+    # postgres://...?pool_max_size=20: Django's backend, no pool.
+    stock = database(ENGINE="django.db.backends.postgresql", OPTIONS={"pool_max_size": 20})
+    [message] = all_messages(default=database(), other=stock)
+    assert message.id == "django_pooled_backend.E006"
+    assert message.msg.startswith(
+        "DATABASES['other']['OPTIONS'] has 'pool_max_size', options of django_pooled_backend, "
+        "but the ENGINE is Django's own PostgreSQL backend"
+    )
+    assert "postgres+pool://" in message.hint
+    # Django's own pool ("pool") is not ours to judge.
+    own_pool = database(ENGINE="django.db.backends.postgresql", OPTIONS={"pool": True})
+    assert all_messages(default=database(), other=own_pool) == []
