@@ -160,8 +160,8 @@ def check_pool_parameters_without_the_engine(
                 "which has no such option: there is no pool, and libpq refuses them at the "
                 "first connection. A postgres:// database URL (without +pool) gives this.",
                 hint="Use a postgres+pool:// URL, or set ENGINE to 'django_pooled_backend' "
-                "and move them into OPTIONS['pool'] without the 'pool_' prefix. "
-                + DOCS.format("'Configuration'"),
+                "and move them into OPTIONS['pool'] without the 'pool_' prefix (pool_size, "
+                "pool_recycle and pool_pre_ping keep it). " + DOCS.format("'Configuration'"),
                 id="django_pooled_backend.E006",
             )
         )
@@ -180,8 +180,8 @@ def _translate_pool_options(carried: object) -> str:
     left = [key for key in carried if key not in _DB_CONNECTION_POOL_KEYS]
     text = f"The same settings in this ENGINE's words: OPTIONS['pool'] = {pool!r}."
     if left:
-        names = ", ".join(repr(key) for key in left)
-        text += f" {names} {'has' if len(left) == 1 else 'have'} no equivalent here."
+        # ECHO has no equivalent; django-db-connection-pool ignores any other key.
+        text += f" Not carried over: {', '.join(repr(key) for key in left)}."
     return text
 
 

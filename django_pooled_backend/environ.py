@@ -123,16 +123,15 @@ def refuse_pool_options(config: dict[str, Any], url: str | ParseResult) -> None:
     params = [key for key in config.get("OPTIONS") or {} if key.startswith(PREFIX)]
     if not params:
         return
-    parsed = url if isinstance(url, ParseResult) else urlparse(url)
-    shown = redact(parsed)
-    pooled = redact(parsed._replace(scheme="postgres+pool"))
-    example = f"{pooled}?{params[0]}=..."
+    scheme = (url if isinstance(url, ParseResult) else urlparse(url)).scheme
+    shown = redact(url)
+    example = f"postgres+pool{shown[len(scheme) :]}?{params[0]}=..."
     names = ", ".join(repr(param) for param in params)
     several = len(params) > 1
     raise ImproperlyConfigured(
         f"Query parameter{'s' if several else ''} {names} of database URL {shown} "
         f"{'are pool options' if several else 'is a pool option'}, but the "
-        f"{parsed.scheme}:// scheme selects Django's own PostgreSQL backend, which has no "
+        f"{scheme}:// scheme selects Django's own PostgreSQL backend, which has no "
         f"pool: {'they' if several else 'it'} would reach libpq, which refuses "
         f"{'them' if several else 'it'}. Use the postgres+pool:// scheme ({example}) to "
         "get django_pooled_backend, or remove the pool_* parameters."
