@@ -369,6 +369,28 @@ def test_admin_index_links_to_the_page(browser: Any, server: Server) -> None:
     wait_for(lambda: browser.current_url == server.url + PAGE, what="the pool page")
 
 
+def test_without_its_script_the_page_says_why_it_stays_empty(browser: Any, server: Server) -> None:
+    # As behind plain gunicorn, which serves no static files: pools.js fails to
+    # load (log_in() waits until the page has loaded, deferred scripts included).
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/pools.js"]})
+    try:
+        log_in(browser, server, STAFF)
+        assert browser.current_url == server.url + PAGE
+        message = browser.find_element("id", "pools-script-missing")
+        assert message.is_displayed()
+        assert "the static files are not served" in message.text
+        assert "/static/django_pooled_backend/pools.js did not load" in message.text
+    finally:
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+    # Served again, the script runs and removes it.
+    browser.get(server.url + PAGE)
+    wait_for(
+        lambda: not browser.find_elements("id", "pools-script-missing"),
+        what="the script to remove the message",
+    )
+
+
 def test_a_user_who_is_not_staff_is_refused(browser: Any, server: Server) -> None:
     log_in(browser, server, NOT_STAFF)
     # The admin's login form refuses accounts that are not staff.
