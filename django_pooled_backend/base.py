@@ -38,6 +38,7 @@ from . import (
     checks,  # noqa: F401 - registers the system checks, even without the app
     registry,
 )
+from .creation import DatabaseCreation
 from .options import PoolOptions, parse_pool_options
 
 if not is_psycopg3:  # pragma: no cover - depends on the environment
@@ -70,6 +71,9 @@ _RELEASABLE = frozenset({TransactionStatus.IDLE, TransactionStatus.UNKNOWN})
 
 class DatabaseWrapper(postgresql.DatabaseWrapper):
     """A PostgreSQL connection whose server connection comes from a pool."""
+
+    # Closes every pool to a test database before dropping or cloning it.
+    creation_class = DatabaseCreation
 
     # Transaction-scoped release.  These class values are request-scoped
     # release; connect() sets instance values when the alias releases per
@@ -214,10 +218,20 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             f"{sd['USER'] or '(default user)'}@{sd['HOST'] or '(default host)'}"
             f"{':' + str(sd['PORT']) if sd['PORT'] else ''}/{kwargs.get('dbname', '')}"
         )
-        from .reset import configure_statements
+        from .reset import configure_statements, startup_options
 
-        configure_sql = configure_statements(self.timezone_name, sd["OPTIONS"].get("assume_role"))
-        if options.transaction_pooling:
+        role = sd["OPTIONS"].get("assume_role")
+        if not options.transaction_pooling:
+            # The time zone as a session default, which the reset keeps: no
+            # SET on connect nor after each reset.  Last, so that it wins
+            # over a time zone in the user's own options, as Django's SET
+            # after connecting does.  The role is SET (see reset.py).
+            startup = startup_options(self.timezone_name)
+            if startup:
+                kwargs["options"] = f"{kwargs.get('options') or ''} {startup}".strip()
+            configure_sql = configure_statements(None, role)
+        else:
+            configure_sql = configure_statements(self.timezone_name, role)
             # Through PgBouncer, the reset's RESET ALL falls back to the
             # application_name of whichever server connection runs it.
             configure_sql.append(
@@ -238,8 +252,22 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     @property
     def pool(self) -> DjangoConnectionPool | None:
-        """The pool this connection borrows from, as Django's backend defines it."""
-        return self._current_pool() if self.is_pooled else None
+        """The pool this connection borrows from, as Django's backend defines it.
+
+        As Django's does, it refuses persistent connections before it makes
+        a pool: one made here would not be closed by anything.
+        """
+        if not self.is_pooled:
+            return None
+        max_age = self.settings_dict.get("CONN_MAX_AGE", 0)
+        if max_age != 0:
+            raise ImproperlyConfigured(
+                "Pooling doesn't support persistent connections. "
+                f"DATABASES[{self.alias!r}]['CONN_MAX_AGE'] is {max_age!r}. Set "
+                "CONN_MAX_AGE to 0 (the default), or set OPTIONS['pool'] to False "
+                "to use persistent connections instead."
+            )
+        return self._current_pool()
 
     def close_pool(self) -> None:
         """Close the pools of this alias (Django calls this around test databases)."""
@@ -298,6 +326,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         assert pool is not None
         if (
             pool.retired
+            # check_settings() refuses it: the full connect() says so.
+            or self.settings_dict["CONN_MAX_AGE"] != 0
             or self.run_commit_hooks_on_set_autocommit_on  # set_autocommit() runs them
             or self._pool_key() != self._reconnect_key
         ):
@@ -522,6 +552,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
                 self._lender.give_back(conn)
 
     def create_cursor(self, name: str | None = None) -> Any:
+        if self.connection is None and self._released_from is not None:
+            # A statement run after connecting but before this cursor (by
+            # code wrapping ensure_connection(), as Django's test_utils
+            # tests do) gave the connection back: borrow again.
+            self.connect()
         if name and self.is_pooled and self.connection is not None:
             # A server-side cursor is declared WITH HOLD outside transactions.
             self.connection._dpb_dirty = True

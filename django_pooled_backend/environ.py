@@ -73,6 +73,7 @@ def register() -> None:
     original = current.__func__
 
     def db_url_config(cls: Any, url: Any, engine: str | None = None) -> dict[str, Any]:
+        refuse_misread_password(url, engine)
         config: dict[str, Any] = original(cls, url, engine=engine)
         if config.get("ENGINE") == ENGINE:
             move_pool_options(config, url)
@@ -169,17 +170,78 @@ def convert(key: str, value: object) -> object:
     return text
 
 
-_PASSWORD = re.compile(r"^([^:@]*):[^@]*$")
+# What may follow the "@" that ends the userinfo: a host list, a path
+# (the database name) and a query string of key=value pairs.  A password may
+# contain "@", ":", "/", "?", "#", "%" and anything else, so the userinfo
+# ends at the first "@" after which the rest of the URL parses as this tail.
+_HOST = r"(?:\[[^\]@/?#]*\]|[^@/?#\[\],:]*)(?::\d*)?"
+_TAIL = re.compile(
+    rf"@(?P<hosts>{_HOST}(?:,{_HOST})*)"
+    r"(?P<path>/[^@?#]*)?"
+    r"(?:\?(?:[\w.%~+-]+=[^&#]*(?:&[\w.%~+-]+=[^&#]*)*)?)?$"
+)
+# The characters that end django-environ's (urllib's) host part early.
+_SPLITTERS = frozenset("/?#")
+
+
+def split_userinfo(url: str) -> tuple[str, str | None, str] | None:
+    """``(scheme, userinfo or None, host and path)`` of ``url``, or ``None`` if unparsable.
+
+    The userinfo ends at the last "@" before the host: unlike urllib's,
+    this parse keeps a password with a raw "/", "?" or "#" in the userinfo.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return None
+    for at in (i for i, char in enumerate(rest) if char == "@"):
+        match = _TAIL.match(rest, at)
+        if match:
+            return scheme, rest[:at], match["hosts"] + (match["path"] or "")
+    if "@" in rest:
+        return None
+    hosts = re.split(r"[?#]", rest, maxsplit=1)[0]
+    return scheme, None, hosts
 
 
 def redact(url: str | ParseResult) -> str:
     """``url`` without its password and query string, safe to print."""
-    parsed = url if isinstance(url, ParseResult) else urlparse(url)
-    userinfo, at, hosts = parsed.netloc.rpartition("@")
-    if at:
-        userinfo = _PASSWORD.sub(r"\1:***", userinfo)
-    netloc = f"{userinfo}{at}{hosts}"
-    return urlunparse((parsed.scheme, netloc, parsed.path, "", "", ""))
+    text = urlunparse(url) if isinstance(url, ParseResult) else str(url)
+    parts = split_userinfo(text)
+    if parts is None:
+        # Nothing can be shown that is sure to be no part of a password.
+        scheme = text.partition(":")[0] if "://" in text else "database-url"
+        return f"{scheme}://***"
+    scheme, userinfo, hosts = parts
+    if userinfo is None:
+        return f"{scheme}://{hosts}"
+    user, colon, _password = userinfo.partition(":")
+    return f"{scheme}://{user}{':***' if colon else ''}@{hosts}"
+
+
+def refuse_misread_password(url: object, engine: str | None) -> None:
+    """Refuse a URL of ours whose password django-environ would read wrongly.
+
+    urllib (and so django-environ) ends the host part at the first "/", "?"
+    or "#": with one of them unencoded in the password, it takes part of the
+    password for the host, port or database, or gives up with a message or
+    warning that prints the password.
+    """
+    if not isinstance(url, str):
+        return
+    if engine != ENGINE and url.partition("://")[0] not in SCHEMES:
+        return
+    parts = split_userinfo(url)
+    if parts is None or parts[1] is None:
+        return
+    if _SPLITTERS.isdisjoint(parts[1]):
+        return
+    raise ImproperlyConfigured(
+        f"The user name or password of database URL {redact(url)} contains a '/', '?' or "
+        "'#' that is not percent-encoded: django-environ would read part of the password "
+        "as the host, port or database name. Percent-encode the password, for example "
+        "with urllib.parse.quote(password, safe=''), which also turns '%' into '%25' and "
+        "'@' into '%40'."
+    )
 
 
 register()

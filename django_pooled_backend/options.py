@@ -57,7 +57,8 @@ class PoolOptions:
     reconnect_timeout: float = 300.0
     num_workers: int = 2
     name: str | None = None
-    reset: ResetMode = "auto"
+    # The safe default: "auto" is only as safe as the statement judge.
+    reset: ResetMode = "always"
     check: CheckMode = "auto"
     check_after: float = 0.5
     leak_threshold: float | None = None
@@ -137,7 +138,7 @@ def parse_pool_options(alias: str, raw: object, *, where: Where | None = None) -
         return PoolOptions()
     if not isinstance(raw, Mapping):
         raise ImproperlyConfigured(
-            f"{where(None)} is {raw!r}: it must be True "
+            f"{where(None)} is {_describe(raw)}: it must be True "
             "or a dict of pool options. Use True for the defaults, or for example "
             "{'min_size': 1, 'max_size': 10, 'timeout': 10}."
         )
@@ -150,9 +151,10 @@ def parse_pool_options(alias: str, raw: object, *, where: Where | None = None) -
         if key not in KNOWN_KEYS:
             known = ", ".join(sorted(KNOWN_KEYS))
             hint = _suggest(str(key))
+            # The key is named, never its value: a misspelled "pasword" holds
+            # a password.
             raise ImproperlyConfigured(
-                f"{where(None)} has an unknown key {key!r} "
-                f"(value {safe_repr(key, raw[key])}).{hint} Valid keys are: {known}."
+                f"{where(None)} has an unknown key {key!r}.{hint} Valid keys are: {known}."
             )
     r = _Reader(alias, raw, where)
     values: dict[str, Any] = {}
@@ -266,15 +268,16 @@ def parse_pool_options(alias: str, raw: object, *, where: Where | None = None) -
     if "reset" in raw:
         reset = raw["reset"]
         if reset is True or reset is False:
-            values["reset"] = "auto" if reset else "never"
+            values["reset"] = "always" if reset else "never"
         elif reset in ("auto", "always", "never"):
             values["reset"] = reset
         else:
             raise r.fail(
                 "reset",
                 "it must be 'auto', 'always', 'never', True or False",
-                "Leave it out ('auto'): a session that may have been changed is reset "
-                "before the next borrower gets it.",
+                "Leave it out ('always': every session is reset before the next borrower "
+                "gets it), or use 'auto' to reset only sessions that a statement may have "
+                "changed (see the 'reset' option in the docs for what it cannot see).",
             )
     if "transaction_pooling" in raw:
         if not isinstance(raw["transaction_pooling"], bool):
@@ -373,6 +376,16 @@ def safe_repr(key: object, value: object) -> str:
     if any(word in str(key).lower() for word in _SECRET_WORDS):
         return "'***'"
     return repr(value)
+
+
+def _describe(value: object) -> str:
+    """A number, None or a boolean as it is; anything else by its type only.
+
+    Text in place of the options dict is often a DSN or a password.
+    """
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    return f"a {type(value).__name__}"
 
 
 def _suggest(key: str) -> str:

@@ -25,6 +25,7 @@ from psycopg.pq import ConnStatus, TransactionStatus
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
 from . import reset, signals
+from .errors import ConnectionFailed, advice_for, server_reason
 from .options import PoolOptions
 from .session import StatementJudge
 from .stats import PoolCounters
@@ -41,6 +42,17 @@ between two requests of a busy worker thread; parked connections are lent to
 anyone who needs one meanwhile, so the figure costs no capacity.
 """
 
+
+RETRY_BACKOFF = (0.25, 1.0)
+"""While no connection works and attempts to open one fail: the first and the longest
+wait (seconds) before a borrow may wait for a new attempt rather than fail at once
+with the last attempt's reason (see ``DjangoConnectionPool.borrow()``).
+
+Short, so that the pool connects again within a second of the server's return
+(a request made within that second may still get the last attempt's error);
+long enough that a burst of requests against a server that is down makes a
+few attempts a second, not one per request.
+"""
 
 RECLAIM_INTERVAL = 0.05
 """How often (seconds) a borrow about to wait looks for connections of dead borrowers, at most."""
@@ -162,6 +174,11 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         # gave a connection back between statements must not borrow here again.
         self.retired = False
         self.last_connect_error: str | None = None
+        # Connection attempts that failed in a row (0 once one succeeds), and
+        # when a borrow with no working connection may next wait for one
+        # (monotonic; see borrow()).
+        self._failed_attempts = 0
+        self._next_attempt_at = 0.0
         # When a borrow about to wait may next look for orphans (monotonic).
         self._next_reclaim = 0.0
         self.counters = PoolCounters()  # stats: see stats.py
@@ -197,6 +214,8 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         was made (see :meth:`unpark`).
         """
         started = time.monotonic()  # stats: wait time
+        if self._failed_attempts and not self._pool and not self.parked and not self.holders:
+            self._fail_fast_or_try(started)
         if not self._pool and self.holders and started >= self._next_reclaim:
             # About to wait: first take back what dead borrowers still hold.
             # Not on every borrow: when borrowers outnumber connections,
@@ -210,11 +229,14 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         except TooManyRequests as exc:
             self.counters.rejected += 1  # stats
             message = self.describe_failure(
-                f"{len(self._waiting)} requests are already waiting "
+                f"{self.state()['waiting']} requests are already waiting "
                 f"(max_waiting={self.max_waiting})"
             )
             self._send_timed_out("max_waiting", message)  # signals
             raise TooManyRequests(message) from exc
+        except ConnectionFailed as exc:
+            self._send_timed_out("connection_failed", str(exc))  # signals
+            raise ConnectionFailed(str(exc)) from None
         except PoolTimeout as exc:
             self.counters.timeouts += 1  # stats
             self.counters.waits.append(time.monotonic() - started)  # stats
@@ -235,6 +257,59 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         if signals.connection_borrowed.receivers:  # signals
             signals.connection_borrowed.send(self, alias=self.alias, connection=conn, waited=waited)
         return conn
+
+    # -- when the server cannot be reached ----------------------------------
+
+    def _fail_fast_or_try(self, now: float) -> None:
+        """A borrow while no connection works and the last attempts to open one failed.
+
+        Waiting for the pool's timeout would only delay the error: raise at
+        once, with the server's reason, unless the back-off allows this
+        borrow to wait for a new attempt (which it makes happen, as any
+        borrow that waits does).  So a burst of requests against a server
+        that is down makes one attempt per back-off period (see
+        ``RETRY_BACKOFF``), not one per request.
+        """
+        if now >= self._next_attempt_at:
+            first, longest = RETRY_BACKOFF
+            self._next_attempt_at = now + min(first * 2 ** (self._failed_attempts - 1), longest)
+            return
+        message = self._connection_failed_message(
+            self.last_connect_error or "unknown", self._next_attempt_at - now
+        )
+        self._send_timed_out("connection_failed", message)  # signals
+        raise ConnectionFailed(message)
+
+    def _connection_failed_message(self, reason: str, retry_in: float | None) -> str:
+        s = self.state()
+        when = (
+            f"; this process waits for a new attempt {retry_in:.1f}s from now at the earliest"
+            if retry_in is not None
+            else ""
+        )
+        return (
+            f"{reason} (database alias {self.alias!r}, {self.label})\n"
+            f"The pool of database alias {self.alias!r} has no working connection and "
+            f"could not open one: {self._failed_attempts} attempt(s) in a row failed. "
+            f"Pool state: size {s['size']} of max {s['max']}, {s['lent']} lent out, "
+            f"{s['idle']} idle, {s['waiting']} waiting. It keeps trying in the "
+            f"background{when}.\n{advice_for(reason, self.alias)}"
+        )
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        """After a failed connection attempt: when nothing works, fail the waiting borrows now."""
+        reason = server_reason(exc)
+        self.last_connect_error = reason
+        self._failed_attempts += 1
+        if self._pool or self.parked or self.holders:
+            return  # connections work, or will come back: waiting is worth it
+        # The message reads the state, which takes the lock: before taking it
+        # (psycopg_pool < 3.3 has a lock that cannot be taken twice).
+        error = ConnectionFailed(self._connection_failed_message(reason, None))
+        with self._lock:
+            for waiter in list(self._waiting):
+                if waiter.fail(error):
+                    self._waiting.remove(waiter)
 
     def give_back(self, conn: PooledConnection) -> None:
         """Take ``conn`` back from its borrower and start its reset."""
@@ -379,6 +454,8 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         # measured it at tens of µs per request).  The connections left at
         # the bottom go idle for real, so max_idle closes the surplus.
         # Called by getconn() with the pool's lock held.
+        if self.max_waiting and not self._pool and len(self._waiting) >= self.max_waiting:
+            self._drop_gone_waiters()
         if not self._pool and self.parked:
             # Nothing idle in the queue: take over the connection parked last
             # (see park()) rather than wait or open a new one.
@@ -390,6 +467,18 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             self._pool.appendleft(conn)
             conn = self._pool.pop()
         return conn
+
+    def _drop_gone_waiters(self) -> None:
+        """Forget the borrows that stopped waiting (timed out, failed).
+
+        psycopg_pool removes a waiter from its queue only when it hands it a
+        connection, so the queue keeps those that timed out until then, and
+        its max_waiting check counts them: only borrows still waiting count.
+        Called with the pool's lock held.
+        """
+        gone = [w for w in self._waiting if w.error is not None]
+        for waiter in gone:
+            self._waiting.remove(waiter)
 
     def _reset_query_for(self, conn: PooledConnection) -> bytes:
         if self._reset_query is None:
@@ -426,13 +515,17 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 # release hands the GIL to one of them and the borrower waits
                 # to get it back (bench/: 0.79x persistent connections' throughput
                 # at 4 threads, against 0.94x without).
-                pgconn.consume_input()
+                try:
+                    pgconn.consume_input()
+                except e.OperationalError:
+                    # The goodbye may have been read already (with the
+                    # reset's answer): it, not the closed socket, is why.
+                    self._raise_goodbye(conn)
+                    raise
                 if pgconn.transaction_status == TransactionStatus.ACTIVE:
                     raise e.OperationalError("the connection is still running a query")
                 pgconn.get_result()
-                goodbye = conn._dpb_goodbye
-                if goodbye is not None and goodbye.message is not None:
-                    raise e.OperationalError(f"the server closed the connection: {goodbye.message}")
+                self._raise_goodbye(conn)
             if (
                 self.options.check == "always"
                 or time.monotonic() - conn._dpb_last_ok > self.options.check_after
@@ -447,6 +540,13 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             conn._dpb_discard_reason = f"{reason}: {exc}"  # signals
             conn.close()
             raise
+
+    @staticmethod
+    def _raise_goodbye(conn: PooledConnection) -> None:
+        """Raise with what the server said before closing ``conn``, if it said anything."""
+        goodbye = conn._dpb_goodbye
+        if goodbye is not None and goodbye.message is not None:
+            raise e.OperationalError(f"the server closed the connection: {goodbye.message}")
 
     # -- borrowers that never come back ------------------------------------
 
@@ -702,11 +802,10 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             conn = super()._connect(timeout)
         except Exception as exc:
             # libpq's messages name host and port, never the password.
-            self.last_connect_error = (
-                str(exc).strip().splitlines()[0] if str(exc) else type(exc).__name__
-            )
+            self._connect_failed(exc)
             raise
         self.last_connect_error = None
+        self._failed_attempts = 0
         self.counters.opened += 1  # stats
         conn._dpb_pool = weakref.ref(self)  # signals
         if signals.connection_opened.receivers:  # signals
@@ -755,7 +854,9 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         with self._lock:
             size = self._nconns
             idle = len(self._pool) + len(self.parked)
-            waiting = len(self._waiting)
+            # Not len(): a borrow that timed out stays in psycopg_pool's
+            # queue until a connection comes back (see _drop_gone_waiters()).
+            waiting = sum(1 for w in self._waiting if w.error is None and w.conn is None)
         holders = list(self.holders.values())
         return {
             "min": self.min_size,

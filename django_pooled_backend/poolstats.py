@@ -25,6 +25,7 @@ from .stats import (
     Published,
     configured_directory,
     read_snapshots,
+    untrusted,
 )
 
 DEFAULT_MAX_WAIT = 5.0
@@ -89,6 +90,9 @@ def stats_directory() -> Path:
             "Pool statistics are not published: settings.POOLED_BACKEND_STATS_DIR is None. "
             "Remove that setting (or set it to a directory) and restart the server processes."
         )
+    problem = untrusted(directory)
+    if problem is not None:
+        raise NotPublished(problem)
     return directory
 
 
@@ -172,8 +176,15 @@ def problems(report: Report, max_wait: float = DEFAULT_MAX_WAIT) -> list[str]:
                 f"(more than {max_wait:g}s)."
             )
     for published in report.stale:
+        snap = published.snapshot
+        if published.suspicious is not None:
+            found.append(
+                f"pid {snap['pid']} on {snap['host']}: suspicious pool statistics: "
+                f"{published.suspicious}."
+            )
+            continue
         found.append(
-            f"pid {published.snapshot['pid']} on {published.snapshot['host']}: no fresh pool "
+            f"pid {snap['pid']} on {snap['host']}: no fresh pool "
             f"statistics for {published.age:.0f}s (the process may be hung)."
         )
     return found
@@ -210,6 +221,7 @@ def as_json(report: Report, max_wait: float = DEFAULT_MAX_WAIT) -> dict[str, Any
                 "updated": snap["time"],
                 "age_s": round(published.age, 3),
                 "stale": published.stale,
+                "suspicious": published.suspicious,
                 "interval_s": snap["interval"],
                 "pools": snap["pools"],
             }
@@ -492,6 +504,13 @@ def render_text(report: Report, max_wait: float = DEFAULT_MAX_WAIT) -> str:
         lines.append("")
         for p in report.stale:
             snap = p.snapshot
+            if p.suspicious is not None:
+                lines.append(
+                    f"Suspicious: pid {snap['pid']} on {snap['host']} ({snap['program']}): "
+                    f"{p.suspicious}; its figures are not shown. No process of this project "
+                    f"writes such a snapshot: check who can write {report.directory}."
+                )
+                continue
             lines.append(
                 f"Stale: pid {snap['pid']} on {snap['host']} ({snap['program']}) has published "
                 f"nothing for {p.age:.1f}s; its figures are not shown."

@@ -81,6 +81,34 @@ def close_alias(alias: str, timeout: float = 5.0) -> None:
         pool.close(timeout=timeout)
 
 
+def close_database(
+    dbname: str, host: str | None, port: str | int | None, timeout: float = 5.0
+) -> list[str]:
+    """Close every pool, of any alias, whose connections go to ``dbname`` on ``host:port``.
+
+    Before a database is dropped or used as a template (test databases),
+    no pool may keep connections to it: the server refuses both while
+    anyone is connected.  The pools of other aliases count too (a copy of
+    an alias' settings under another name has a pool of its own).  Returns
+    the names of the pools closed.
+    """
+
+    def goes_there(pool: DjangoConnectionPool) -> bool:
+        kwargs = pool.connect_kwargs
+        return (
+            kwargs.get("dbname") == dbname
+            and (kwargs.get("host") or "") == (host or "")
+            and str(kwargs.get("port") or "") == str(port or "")
+        )
+
+    with _lock:
+        keys = [key for key, pool in _pools.items() if goes_there(pool)]
+        pools = [_retire(_pools.pop(key)) for key in keys]
+    for pool in pools:
+        pool.close(timeout=timeout)
+    return [pool.name for pool in pools]
+
+
 def close_all(timeout: float = 5.0) -> None:
     """Close every pool of this process; lent-out connections close on return."""
     with _lock:

@@ -3,12 +3,22 @@
 The next borrower must get a session that carries nothing of the previous
 one: no settings, role, time zone, temporary tables, advisory locks, prepared
 statements, listeners, open cursors or transaction.  ``DISCARD ALL`` does
-nearly that, but refuses to run inside the implicit transaction of a
-multi-statement query, so its parts are spelled out (they are exactly what
-the PostgreSQL manual lists for it, minus ``DISCARD PLANS``: cached plans
-carry no session state and rebuilding them would slow the next borrower).
-The pool's own session state (time zone, ``assume_role``) is then put back
-in the same message.
+that in one statement, whose answer is one message to read.  The pool's time
+zone is given to each connection as a startup option (``-c TimeZone=...``),
+which ``DISCARD ALL`` keeps as the session's default: nothing to put back.
+
+The role of ``assume_role`` is set with ``SET ROLE`` after each reset, not
+as a startup option: a role dropped while the connection lives would
+otherwise become the session's default as a dangling OID, which the reset
+would not notice, and every statement of the next borrower would fail;
+``SET ROLE`` fails instead, and a connection whose reset fails is
+discarded.  ``DISCARD ALL`` refuses to run in the implicit transaction of a
+multi-statement query, so with ``assume_role`` (and behind PgBouncer in
+transaction mode, ``transaction_pooling``, where startup options do not
+reach the server connections and time zone and ``application_name`` are
+set again too) the reset spells out the parts of ``DISCARD ALL`` as the
+PostgreSQL manual lists them (but ``DISCARD PLANS``) in one query, followed
+by the ``SET`` statements.
 
 The reset costs the request no round trip: it is *sent* when the connection
 is returned and its result is *read* when the connection is next borrowed,
@@ -19,7 +29,7 @@ never comes, the connection is discarded, never reused.
 from __future__ import annotations
 
 import select
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from psycopg import errors as e
 from psycopg import sql
@@ -40,6 +50,19 @@ RESET_STATEMENTS = (
 )
 
 
+DISCARD_ALL = b"DISCARD ALL"
+
+
+def startup_options(timezone_name: str | None) -> str:
+    """libpq ``options`` that make the pool's time zone the session's default."""
+    return f"-c TimeZone={_escape_option(timezone_name)}" if timezone_name else ""
+
+
+def _escape_option(value: str) -> str:
+    # libpq splits options at spaces; a backslash escapes a space or itself.
+    return value.replace("\\", "\\\\").replace(" ", "\\ ")
+
+
 def configure_statements(timezone_name: str | None, role: str | None) -> list[sql.Composable]:
     """The statements that give a session the pool's configured state."""
     statements: list[sql.Composable] = []
@@ -52,7 +75,13 @@ def configure_statements(timezone_name: str | None, role: str | None) -> list[sq
 
 
 def build_reset_query(configure: list[sql.Composable], conn: Connection[object]) -> bytes:
-    """One simple-protocol query string that resets and reconfigures a session."""
+    """One simple-protocol query string that resets and reconfigures a session.
+
+    ``DISCARD ALL`` when there is nothing to configure (the pool's session
+    state comes from startup options), its parts and ``configure`` otherwise.
+    """
+    if not configure:
+        return DISCARD_ALL
     parts = [sql.SQL(s) for s in RESET_STATEMENTS] + configure
     return sql.SQL("; ").join(parts).as_bytes(conn)
 
@@ -76,23 +105,41 @@ def forget_transaction_options(conn: Connection[object]) -> None:
         conn.deferrable = None
 
 
+def _error_of_results(pgconn: Any) -> str | None:
+    """Read every result that arrived; the first error's message, if any."""
+    error: str | None = None
+    try:
+        while (result := pgconn.get_result()) is not None:
+            if result.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK) and error is None:
+                error = (result.error_message or b"").decode(errors="replace").strip()
+    except e.OperationalError:
+        pass  # nothing more to read: what came before is all there is
+    return error
+
+
 def finish_reset(conn: Connection[object], timeout: float) -> None:
     """Read the answer to :func:`send_reset`; raise if the reset did not work."""
     pgconn = conn.pgconn
-    pgconn.consume_input()
-    if pgconn.is_busy():
-        poller = select.poll()
-        poller.register(pgconn.socket, select.POLLIN)
-        while pgconn.is_busy():
-            if not poller.poll(timeout * 1000):
-                raise e.OperationalError(
-                    f"the session reset got no answer within {timeout:.1f} seconds"
-                )
-            pgconn.consume_input()
-    error: str | None = None
-    while (result := pgconn.get_result()) is not None:
-        if result.status not in (ExecStatus.COMMAND_OK, ExecStatus.TUPLES_OK) and error is None:
-            error = (result.error_message or b"").decode(errors="replace").strip()
+    try:
+        pgconn.consume_input()
+        if pgconn.is_busy():
+            poller = select.poll()
+            poller.register(pgconn.socket, select.POLLIN)
+            while pgconn.is_busy():
+                if not poller.poll(timeout * 1000):
+                    raise e.OperationalError(
+                        f"the session reset got no answer within {timeout:.1f} seconds"
+                    )
+                pgconn.consume_input()
+    except e.OperationalError as exc:
+        # The server may have said why before it closed the connection
+        # (pg_terminate_backend: "terminating connection due to
+        # administrator command"): that, if it arrived, is the reason.
+        said = _error_of_results(pgconn)
+        if said is None:
+            raise
+        raise e.OperationalError(f"the session reset failed: {said}") from exc
+    error = _error_of_results(pgconn)
     if error is not None:
         raise e.OperationalError(f"the session reset failed: {error}")
     if pgconn.transaction_status != TransactionStatus.IDLE:

@@ -64,11 +64,13 @@ the pool's lock.
 """
 
 borrow_timed_out = Signal()
-"""A borrow failed: no connection became free within ``timeout``.
+"""A borrow failed: no connection became free within ``timeout``, or none could be opened.
 
-``connection`` is None.  Extra arguments: ``reason`` (``"timeout"``, or
+``connection`` is None.  Extra arguments: ``reason`` (``"timeout"``,
 ``"max_waiting"`` when too many requests were already waiting and the
-borrow was refused at once), ``state`` (the pool's size, idle, lent and
-waiting counts, as :meth:`~django_pooled_backend.pool.DjangoConnectionPool.state`
-gives them) and ``message`` (the text of the error raised to the borrower).
+borrow was refused at once, or ``"connection_failed"`` when the pool has
+no working connection and its attempts to open one failed), ``state``
+(the pool's size, idle, lent and waiting counts, as
+:meth:`~django_pooled_backend.pool.DjangoConnectionPool.state` gives
+them) and ``message`` (the text of the error raised to the borrower).
 """

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import glob
 import hashlib
 import json
 import logging
@@ -67,7 +68,11 @@ STALE_INTERVALS, STALE_MIN_SECONDS = 3, 3.0
 REMOVE_INTERVALS, REMOVE_MIN_SECONDS = 60, 60.0
 
 _UNSET = object()
-_FILE_RE = re.compile(r"^(?P<tmp>\.)?(?P<host>[^/]+)\.(?P<pid>\d+)\.(?P<ext>json|tmp)$")
+# <host>.<pid>.json, and the temporary files .<host>.<pid>.<random>.tmp.
+_FILE_RE = re.compile(
+    r"^(?:(?P<host>[^/]+)\.(?P<pid>\d+)\.json"
+    r"|(?P<tmp>\.)(?P<thost>[^/]+)\.(?P<tpid>\d+)\.[A-Za-z0-9_]+\.tmp)$"
+)
 
 
 class PoolCounters:
@@ -325,17 +330,72 @@ def default_directory() -> Path:
     return Path(tempfile.gettempdir()) / f"django_pooled_backend-{os.getuid()}" / project_scope()
 
 
+def per_user_base(directory: Path) -> Path | None:
+    """The ``django_pooled_backend-<uid>`` directory above ``directory``, if it is in one."""
+    base = directory.parent
+    return base if base.name == f"django_pooled_backend-{os.getuid()}" else None
+
+
+def untrusted(directory: Path) -> str | None:
+    """Why the per-user ``directory`` cannot be trusted, or None if it can (or is absent).
+
+    In a shared temporary directory somebody else could have created the
+    path first, to read or feed our snapshots: the per-user directory and
+    the project directory in it must be real directories, owned by this
+    user and writable by nobody else.  The writer and the readers apply the
+    same test.  An explicit ``POOLED_BACKEND_STATS_DIR`` is the operator's
+    choice and is not tested.
+    """
+    base = per_user_base(directory)
+    if base is None:
+        return None
+    uid = os.getuid()
+    for path in (base, directory):
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            return None
+        kind = "a directory"
+        if stat.S_ISLNK(info.st_mode):
+            kind = "a symbolic link"
+        elif not stat.S_ISDIR(info.st_mode):
+            kind = "not a directory"
+        if kind == "a directory" and info.st_uid == uid and not info.st_mode & 0o022:
+            continue
+        return (
+            f"The pool statistics directory {path} is {kind} owned by "
+            f"{_user_name(info.st_uid)}, mode {stat.S_IMODE(info.st_mode):04o}; it must be a "
+            f"directory owned by {_user_name(uid)} that only its owner can write. Another "
+            "local user may have created it to feed or read this project's statistics: "
+            "nothing is published to it or read from it. Remove it "
+            f"(rm -r {base}) and restart the server processes, or set "
+            "POOLED_BACKEND_STATS_DIR to a directory of your own."
+        )
+    return None
+
+
+def _user_name(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
 def ensure_directory(directory: Path) -> None:
     """Create ``directory`` (mode 0700), refusing a per-user one another user controls."""
-    base = directory.parent
-    if base.name == f"django_pooled_backend-{os.getuid()}":
-        # In a shared temporary directory somebody else could have created
-        # the path first, to read or feed our snapshots.
+    base = per_user_base(directory)
+    if base is not None:
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = os.lstat(base)
-        if stat.S_ISLNK(info.st_mode) or info.st_uid != os.getuid():
-            raise PermissionError(f"{base} is not a directory owned by uid {os.getuid()}")
+        problem = untrusted(directory)
+        if problem is not None:
+            raise PermissionError(problem)
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if base is not None:
+        problem = untrusted(directory)
+        if problem is not None:
+            raise PermissionError(problem)
 
 
 def process_start_time(pid: int) -> str | None:
@@ -390,37 +450,54 @@ def pid_alive(pid: int, start_time: str | None = None) -> bool:
 
 
 def write_snapshot(directory: Path, snapshot: ProcessSnapshot) -> Path:
-    """Publish ``snapshot`` atomically as ``<host>.<pid>.json`` in ``directory``."""
+    """Publish ``snapshot`` atomically as ``<host>.<pid>.json`` in ``directory``.
+
+    The temporary file gets a random name and is created exclusively, never
+    through a symbolic link (``mkstemp``): in a directory another user can
+    write, a link or file planted at a predictable name would otherwise make
+    us overwrite whatever it points to.  The rename replaces a link planted
+    at the final name, not its target.
+    """
     name = f"{snapshot['host']}.{snapshot['pid']}"
     path = directory / f"{name}.json"
-    tmp = directory / f".{name}.tmp"
     data = json.dumps(snapshot, separators=(",", ":")).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        _unlink(tmp)
+        raise
     return path
 
 
 def remove_snapshot(directory: Path, pid: int | None = None, host: str = HOSTNAME) -> None:
     """Remove the snapshot of process ``pid`` (this one by default)."""
     name = f"{host}.{os.getpid() if pid is None else pid}"
-    for path in (directory / f"{name}.json", directory / f".{name}.tmp"):
+    paths = [directory / f"{name}.json", *directory.glob(f".{glob.escape(name)}.*.tmp")]
+    for path in paths:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
 
 @dataclass
 class Published:
-    """One process' snapshot as read back, with how fresh it is."""
+    """One process' snapshot as read back, with how fresh it is.
+
+    ``suspicious`` says why a snapshot no process of ours would write (one
+    stamped in the future, or with an impossible interval) is not shown;
+    such a snapshot is always stale.
+    """
 
     snapshot: ProcessSnapshot
     age: float
     stale: bool
+    suspicious: str | None = None
 
 
 def read_snapshots(directory: Path, now: float | None = None) -> list[Published]:
@@ -429,7 +506,9 @@ def read_snapshots(directory: Path, now: float | None = None) -> list[Published]
     A snapshot of a process of this host that no longer runs is deleted and
     not returned; one not refreshed for ``STALE_INTERVALS`` intervals is
     returned marked stale; one not refreshed for ``REMOVE_INTERVALS``
-    intervals is deleted (its writer is hung or its pid was reused).
+    intervals is deleted (its writer is hung or its pid was reused).  One
+    stamped in the future, or with an interval no process publishes at, is
+    returned stale and suspicious: it would otherwise never go stale.
     """
     now = time.time() if now is None else now
     found: list[Published] = []
@@ -441,17 +520,16 @@ def read_snapshots(directory: Path, now: float | None = None) -> list[Published]
         match = _FILE_RE.match(entry.name)
         if match is None:
             continue
-        host, pid = match["host"], int(match["pid"])
-        local = host == HOSTNAME
-        if match["tmp"] or match["ext"] == "tmp":
+        if match["tmp"]:
             # A writer that died between writing and renaming.
-            if local and not pid_alive(pid):
+            if match["thost"] == HOSTNAME and not pid_alive(int(match["tpid"])):
                 _unlink(entry.path)
             continue
+        host, pid = match["host"], int(match["pid"])
+        local = host == HOSTNAME
         try:
-            with open(entry.path, "rb") as f:
-                snapshot: ProcessSnapshot = json.loads(f.read())
-            age = now - float(snapshot["time"])
+            snapshot: ProcessSnapshot = json.loads(_read_regular_file(entry.path))
+            stamp = float(snapshot["time"])
             interval = float(snapshot["interval"])
             start_time = snapshot.get("start_time")
         except FileNotFoundError:
@@ -464,6 +542,11 @@ def read_snapshots(directory: Path, now: float | None = None) -> list[Published]
         if local and not pid_alive(pid, start_time):
             _unlink(entry.path)
             continue
+        age = now - stamp
+        suspicious = _suspicious(age, interval)
+        if suspicious is not None:
+            found.append(Published(snapshot, age, True, suspicious))
+            continue
         if age > max(REMOVE_INTERVALS * interval, REMOVE_MIN_SECONDS):
             _unlink(entry.path)
             continue
@@ -471,6 +554,27 @@ def read_snapshots(directory: Path, now: float | None = None) -> list[Published]
         found.append(Published(snapshot, max(age, 0.0), stale))
     found.sort(key=lambda p: (p.snapshot["host"], p.snapshot["pid"]))
     return found
+
+
+FUTURE_TOLERANCE = 1.0
+"""Seconds a snapshot may be stamped ahead of the reader's clock (clock steps, rounding)."""
+
+
+def _suspicious(age: float, interval: float) -> str | None:
+    if not math.isfinite(age) or age < -FUTURE_TOLERANCE:
+        return f"it is stamped {-age:.1f}s in the future"
+    if not (math.isfinite(interval) and 0 < interval < 3600):
+        return f"its interval {interval!r} is not one a process publishes at"
+    return None
+
+
+def _read_regular_file(path: str) -> bytes:
+    """The content of ``path``, refusing a symbolic link or anything but a plain file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return f.read()
 
 
 def _unlink(path: str) -> None:
@@ -490,8 +594,8 @@ class Publisher:
         self.pid = os.getpid()
         self._stop = threading.Event()
         self._failed = False
-        # One writer at a time: the thread and an explicit publish() share
-        # the temporary file's name.
+        # One writer at a time: the thread and an explicit publish() would
+        # race to rename their temporary files.
         self._lock = threading.Lock()
         self._thread = threading.Thread(
             target=self._run, name="django_pooled_backend stats", daemon=True

@@ -21,27 +21,87 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from types import CodeType
+from types import CodeType, FrameType
 from typing import Any
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _DJANGO_DIR = os.path.dirname(os.path.abspath(sys.modules["django"].__file__ or ""))
-_SKIP_DIRS = (_PACKAGE_DIR, _DJANGO_DIR, os.path.dirname(threading.__file__))
-# Where a thread is now: not in time.sleep() or socket.recv() either, but
-# the code that called them (third-party packages, in site-packages, count).
-_STDLIB_DIR = sysconfig.get_paths()["stdlib"]
-_SITE_DIRS = tuple(
-    {sysconfig.get_paths()[key] for key in ("purelib", "platlib")} | set(site.getsitepackages())
+_STDLIB_DIRS = tuple(
+    {sysconfig.get_paths()[key] for key in ("stdlib", "platstdlib")}
+    | {os.path.dirname(threading.__file__)}
 )
+_SITE_DIRS = tuple(
+    {sysconfig.get_paths()[key] for key in ("purelib", "platlib")}
+    | set(site.getsitepackages())
+    | {site.getusersitepackages()}
+)
+_SITE_MARKS = (f"{os.sep}site-packages{os.sep}", f"{os.sep}dist-packages{os.sep}")
 
 Place = tuple[CodeType, int]
 
-# Whether a code object belongs to Django or this package (frames the
-# "where" of a borrow skips), by id(): a code object computes its hash
+# What a frame's code is.  The "where" of a borrow is the innermost frame
+# of the application's own code (APP); a frame of a third-party package
+# (LIBRARY: gunicorn, psycopg, asgiref...) inside it is shown beside it.
+# Django's and this package's frames are the mechanics of every borrow and
+# say nothing, the standard library's neither (SKIPPED: false, so that the
+# walk up the stack passes them with one test).
+SKIPPED, LIBRARY, APP = 0, 1, 2
+
+# The kind of each code object, by id(): a code object computes its hash
 # from its name, constants and names every time it is asked, which cost
 # more than the rest of a borrow.  The code object is kept with its
 # verdict, so that an id reused by another code object is not mistaken.
-_skip: dict[int, tuple[CodeType, bool]] = {}
+_kinds: dict[int, tuple[CodeType, int]] = {}
+
+
+def _classify(filename: str) -> int:
+    if filename.startswith((_PACKAGE_DIR, _DJANGO_DIR)):
+        return SKIPPED
+    if filename.startswith(_SITE_DIRS) or any(mark in filename for mark in _SITE_MARKS):
+        return LIBRARY
+    if filename.startswith(_STDLIB_DIRS) or filename.startswith("<"):
+        return SKIPPED  # the standard library, "<frozen importlib._bootstrap>", "<string>"
+    return APP
+
+
+def _locate(
+    frame: FrameType | None, stack: list[Place] | None = None
+) -> tuple[Place | None, Place | None]:
+    """``(application frame, library frame beside it)`` from ``frame`` outwards.
+
+    The application frame is the innermost frame of the application's own
+    code; the library frame the innermost third-party frame inside it (or,
+    with no application frame on the stack, the innermost third-party
+    frame, returned as the library frame).  ``stack`` collects every frame.
+    """
+    library: Place | None = None
+    kinds = _kinds
+    while frame is not None:
+        code = frame.f_code
+        if stack is not None:
+            stack.append((code, frame.f_lineno))
+        # _kind_of(), inlined: this loop runs on every recorded borrow.
+        known = kinds.get(id(code))
+        if known is not None and known[0] is code:
+            kind = known[1]
+        else:
+            kind = _classify(code.co_filename)
+            kinds[id(code)] = (code, kind)
+        if kind:
+            if kind == APP:
+                if stack is not None:
+                    _rest(frame.f_back, stack)
+                return (code, frame.f_lineno), library
+            if library is None:
+                library = (code, frame.f_lineno)
+        frame = frame.f_back
+    return None, library
+
+
+def _rest(frame: FrameType | None, stack: list[Place]) -> None:
+    while frame is not None:
+        stack.append((frame.f_code, frame.f_lineno))
+        frame = frame.f_back
 
 
 @dataclass(eq=False)
@@ -56,6 +116,9 @@ class Holder:
     # (when leak detection is on) the frames of the whole borrowing stack.
     where: Place | None
     stack: tuple[Place, ...] = ()
+    # The innermost third-party frame inside ``where`` (gunicorn, psycopg...),
+    # or, with ``where`` None, the innermost third-party frame.
+    beside: Place | None = None
     warned: bool = field(default=False)
     # False for a borrow that did not look where it came from (a thread
     # taking back the connection it parked, see pool.py): then where_text()
@@ -85,12 +148,18 @@ class Holder:
         return f"{self.thread.name} (held {held:.1f}s{alive}, {at} {self.where_text()})"
 
     def where_text(self) -> str:
-        """``file:line in function``: where the borrow was made, or the thread is now."""
-        where = self.where if self.located else _place_now(self.thread)
-        if where is None:
-            return "unknown"
-        code, line = where
-        return f"{_short(code.co_filename)}:{line} in {code.co_name}"
+        """Where the borrow was made, or the thread is now, in the application's code.
+
+        ``file:line in function``, with the third-party frame it is in
+        beside it: ``shop/views.py:37 in slow (in psycopg/cursor.py:97
+        execute)``; with no frame of the application on the stack, the
+        third-party one alone.
+        """
+        if self.located:
+            where, beside = self.where, self.beside
+        else:
+            where, beside = _place_now(self.thread)
+        return place_text(where, beside)
 
     def stack_text(self) -> str:
         """The borrowing stack, outermost first, as a traceback prints it."""
@@ -115,42 +184,50 @@ def current_holder(
     if not locate and not full_stack:
         ref = None if owner is None else weakref.ref(owner, on_owner_gone)
         return Holder(conn, threading.current_thread(), time.monotonic(), ref, None, located=False)
-    frame = sys._getframe(1)
-    where: Place | None = None
-    stack: list[Place] = []
-    skip = _skip
-    while frame is not None:
-        code = frame.f_code
-        if full_stack:
-            stack.append((code, frame.f_lineno))
-        known = skip.get(id(code))
-        if known is not None and known[0] is code:
-            inside = known[1]
-        else:
-            inside = code.co_filename.startswith(_SKIP_DIRS)
-            skip[id(code)] = (code, inside)
-        if where is None and not inside:
-            where = (code, frame.f_lineno)
-            if not full_stack:
-                break
-        frame = frame.f_back  # type: ignore[assignment]
-    del frame
+    stack: list[Place] | None = [] if full_stack else None
+    where, beside = _locate(sys._getframe(1), stack)
     ref = None if owner is None else weakref.ref(owner, on_owner_gone)
-    return Holder(conn, threading.current_thread(), time.monotonic(), ref, where, tuple(stack))
+    return Holder(
+        conn,
+        threading.current_thread(),
+        time.monotonic(),
+        ref,
+        where,
+        tuple(stack or ()),
+        beside=beside,
+    )
 
 
-def _place_now(thread: threading.Thread) -> Place | None:
-    """The innermost frame of ``thread`` outside Django, this package and the standard library."""
-    frame = sys._current_frames().get(thread.ident or -1)
-    while frame is not None:
-        code = frame.f_code
-        name = code.co_filename
-        if not name.startswith(_SKIP_DIRS) and (
-            not name.startswith(_STDLIB_DIR) or name.startswith(_SITE_DIRS)
-        ):
-            return (code, frame.f_lineno)
-        frame = frame.f_back
-    return None
+def _place_now(thread: threading.Thread) -> tuple[Place | None, Place | None]:
+    """Where ``thread`` is now: its application frame and the library frame beside it."""
+    return _locate(sys._current_frames().get(thread.ident or -1))
+
+
+def place_text(where: Place | None, beside: Place | None) -> str:
+    """``app.py:3 in f (in lib/mod.py:9 g)``, ``app.py:3 in f``, or the library frame alone."""
+    if where is None:
+        if beside is None:
+            return "unknown"
+        return f"{_library_text(beside)} (no application code on the stack)"
+    code, line = where
+    text = f"{_short(code.co_filename)}:{line} in {code.co_name}"
+    return text if beside is None else f"{text} (in {_library_text(beside)})"
+
+
+def _library_text(place: Place) -> str:
+    code, line = place
+    return f"{_short_library(code.co_filename)}:{line} {code.co_name}"
+
+
+def _short_library(filename: str) -> str:
+    """``gunicorn/util.py`` for ``.../site-packages/gunicorn/util.py``."""
+    for mark in _SITE_MARKS:
+        if mark in filename:
+            return filename.rsplit(mark, 1)[1]
+    for directory in _SITE_DIRS:
+        if filename.startswith(directory + os.sep):
+            return filename[len(directory) + 1 :]
+    return _short(filename)
 
 
 def _short(filename: str) -> str:

@@ -69,8 +69,8 @@ _pool = {
     "release": env.str("POOL_RELEASE", default="request"),
 }
 _url = pgserver.database_url("testproject")
-# TESTPROJECT_ENGINE lets bench/ and the comparison tests run the same
-# project on Django's stock backend (and its own pool).
+# TESTPROJECT_ENGINE lets bench/ run the same project on Django's stock
+# backend, with TESTPROJECT_DJANGO_POOL=1 on its own pool.
 _engine = env.str("TESTPROJECT_ENGINE", default="django_pooled_backend")
 if _engine == "django_pooled_backend":
     # The URL scheme of django_pooled_backend.environ: pool options in the
@@ -83,7 +83,11 @@ if _engine == "django_pooled_backend":
     _default = env.db_url_config(_url)
 else:
     _default = env.db_url_config(_url, engine=_engine)
-    _default.setdefault("OPTIONS", {})["pool"] = _pool
+    if env.bool("TESTPROJECT_DJANGO_POOL", default=False):
+        # Django's own pool, with the options it shares with ours.
+        _default.setdefault("OPTIONS", {})["pool"] = {
+            key: _pool[key] for key in ("min_size", "max_size", "timeout")
+        }
 DATABASES = {"default": _default}
 
 # Where the processes publish their pool statistics for `manage.py poolstats`

@@ -284,3 +284,29 @@ def test_a_run_killed_with_sigterm_stops_the_pgbouncer_it_started() -> None:
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int((left / "pgbouncer.pid").read_text()), signal.SIGTERM)
         drop_database(db)
+
+
+def test_reset_cost_measures_every_mode_and_the_judge() -> None:
+    result = run_with_own_database(
+        "dpb_reset_smoke",
+        "bench/reset_cost.py",
+        "--rounds",
+        "3",
+        "--window",
+        "0.05",
+        "--threads",
+        "1,2",
+        "--items",
+        "50",
+        create=True,
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out
+    assert "errors" not in out, out
+    rows = {tuple(line.split()[:2]) for line in out.splitlines() if len(line.split()) == 4}
+    for threads in ("1", "2"):
+        for reset in ("never", "auto", "always"):
+            assert (threads, reset) in rows, out
+        for ratio in ("auto/never", "always/never", "always/auto"):
+            assert (threads, ratio) in rows, out
+    assert "cache miss" in out, out

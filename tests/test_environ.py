@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import environ
 import pytest
@@ -160,7 +162,7 @@ def test_a_value_of_the_wrong_type_names_the_query_parameter_not_the_password() 
         ("pool_timeout=inf", "it must be a positive, finite number of seconds"),
         ("pool_reset=maybe", "'pool_reset' of database URL postgres+pool://app:***@"),
         ("pool_check=sometimes", "it must be 'auto', 'always', 'never' or a callable"),
-        ("pool_max_sise=3", "has an unknown key 'max_sise' (value 3). Did you mean 'max_size'?"),
+        ("pool_max_sise=3", "has an unknown key 'max_sise'. Did you mean 'max_size'?"),
         ("pool_min_size=5&pool_max_size=2", "has min_size 5 greater than max_size 2"),
         ("pool_conninfo=x", "'pool_conninfo' of database URL postgres+pool://app:***@db"),
         ("pool_expected_processes=0", "it must be at least 1"),
@@ -197,3 +199,94 @@ def test_the_testproject_reads_its_database_from_a_pool_url(db: None) -> None:
     with connection.cursor() as cursor:
         cursor.execute("SELECT 1")
         assert cursor.fetchone() == (1,)
+
+
+# Characters a generated password may hold: the URL delimiters, "%", a few
+# non-ASCII letters, and letters and digits that appear nowhere in the
+# messages below, so that any three characters of a password found in a
+# message can only come from the password.
+_PASSWORD_ALPHABET = "@:/%#?" + "éß€漢ñ" + "XYZKJWV" + "789"
+
+
+def generated_passwords(count: int, seed: int) -> list[str]:
+    """Random passwords (seeded), each with at least one "@", ":", "/", "%", "#" or "?"."""
+    rng = random.Random(seed)
+    passwords = []
+    for index in range(count):
+        special = "@:/%#?"[index % 6]
+        body = [rng.choice(_PASSWORD_ALPHABET) for _ in range(rng.randint(3, 16))]
+        body.insert(rng.randint(0, len(body)), special)
+        passwords.append("".join(body))
+    return passwords
+
+
+def assert_no_part_of(password: str, message: str, baseline: str) -> None:
+    """No three characters of ``password`` in ``message``, but for text of every such message.
+
+    ``baseline`` is the message for a harmless password: text such as "://"
+    or "'/'" is in every message and tells nothing about the password.
+    """
+    assert password not in message
+    for size in range(3, len(password) + 1):
+        for start in range(len(password) - size + 1):
+            part = password[start : start + size]
+            if part not in baseline:
+                assert part not in message, f"{part!r} of the password is in {message!r}"
+
+
+def url_error(password: str) -> str:
+    url = f"postgres+pool://app:{password}@db.example:6432/shop"
+    with pytest.raises(ImproperlyConfigured) as excinfo:
+        config("pool_max_size=abc", url=url)
+    return str(excinfo.value)
+
+
+@pytest.mark.parametrize("password", generated_passwords(300, seed=15))
+def test_a_bad_pool_parameter_never_shows_any_part_of_the_password(password: str) -> None:
+    read_right = url_error("harmless")
+    misread = url_error("harm/less")
+    assert misread.startswith(
+        "The user name or password of database URL "
+        "postgres+pool://app:***@db.example:6432/shop contains a '/', '?' or '#' "
+        "that is not percent-encoded"
+    )
+    for written in (password, quote(password, safe="")):
+        message = url_error(written)
+        # django-environ reads a password right unless it holds a raw "/",
+        # "?" or "#", which is refused; either way the message is the one
+        # of any other password.
+        expected = misread if not set(written).isdisjoint("/?#") else read_right
+        assert message == expected
+        assert_no_part_of(password, message, expected)
+        assert_no_part_of(written, message, expected)
+
+
+@pytest.mark.parametrize("password", generated_passwords(120, seed=16))
+def test_passwords_that_django_environ_reads_right(password: str) -> None:
+    # Percent-encoded, any password comes through; raw, any password without
+    # "/", "?", "#" or a "%" that starts an escape ("%41" reads as "A").
+    encoded = quote(password, safe="")
+    result = config("pool_max_size=3", url=f"postgres+pool://app:{encoded}@db:7/shop")
+    assert (result["PASSWORD"], result["HOST"], result["PORT"]) == (password, "db", 7)
+    if set(password).isdisjoint("/?#%"):
+        result = config("pool_max_size=3", url=f"postgres+pool://app:{password}@db:7/shop")
+        assert (result["USER"], result["PASSWORD"]) == ("app", password)
+        assert (result["HOST"], result["PORT"], result["NAME"]) == ("db", 7, "shop")
+        assert result["OPTIONS"] == {"pool": {"max_size": 3}}
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgres+pool://u:p@ss@h:1/db?pool_x=1", "postgres+pool://u:***@h:1/db"),
+        ("postgres+pool://u:p/s@s@h/db", "postgres+pool://u:***@h/db"),
+        ("postgres+pool://u:p?s#s@h/db?a=b@c", "postgres+pool://u:***@h/db"),
+        ("postgres+pool://u:pw@h/db?application_name=a@b", "postgres+pool://u:***@h/db"),
+        ("postgres+pool://u:pw@[::1]:5,h2/db", "postgres+pool://u:***@[::1]:5,h2/db"),
+        ("postgres+pool://u:pw@%2Frun%2Fpg/db", "postgres+pool://u:***@%2Frun%2Fpg/db"),
+        ("postgres+pool://u:p@w@/run/pg/db", "postgres+pool://u:***@/run/pg/db"),
+        ("postgres+pool://u:p@w@h:x", "postgres+pool://***"),
+    ],
+)
+def test_redact_ends_the_userinfo_at_the_last_at_sign_before_the_host(url: str, shown: str) -> None:
+    assert scheme.redact(url) == shown

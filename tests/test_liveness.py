@@ -19,6 +19,8 @@ from django.db.backends.postgresql.base import DatabaseWrapper as DjangoWrapper
 
 from django_pooled_backend import registry, signals
 from django_pooled_backend.base import DatabaseWrapper
+from django_pooled_backend.errors import ConnectionFailed
+from django_pooled_backend.pool import RETRY_BACKOFF
 from testproject import pgserver
 
 from .conftest import Wrappers, pooled, server_pids
@@ -134,7 +136,11 @@ def test_borrow_check_lets_no_other_thread_run(make_wrapper: Wrappers) -> None:
         pytest.fail("psycopg's C implementation is needed: pip install 'psycopg[binary]'")
     # check_after: starting the spinner takes a switch interval, after which
     # a borrow would make its round trip (which rightly lets others run).
-    wrapper = make_wrapper("gil", {"min_size": 1, "max_size": 2, "check_after": 3600})
+    # reset "auto": a clean session has no reset whose answer to wait for
+    # (waiting for the server rightly lets others run too).
+    wrapper = make_wrapper(
+        "gil", {"min_size": 1, "max_size": 2, "check_after": 3600, "reset": "auto"}
+    )
     for _ in range(3):  # the pool filled, the connection parked
         backend_pid(wrapper)
         wrapper.close()
@@ -266,8 +272,14 @@ def test_server_restart_under_load_loses_no_acknowledged_write(
         assert not any(t.is_alive() for t in threads)
         # Requests in flight during the restart may fail, with Django's error...
         assert all(isinstance(exc, OperationalError) for _, exc in failures), failures[:3]
-        # ...but none that started once the server accepted connections again.
-        late = [(t, exc) for t, exc in failures if t >= up_at[0]]
+        # ...and so may those of the first back-off period after the server
+        # accepts connections again, with the last failed attempt's reason
+        # (they fail at once rather than wait)...
+        longest = RETRY_BACKOFF[1]
+        stale = [exc for t, exc in failures if up_at[0] <= t < up_at[0] + longest]
+        assert all(isinstance(exc.__cause__, ConnectionFailed) for exc in stale), stale[:3]
+        # ...but none that started after it.
+        late = [(t, exc) for t, exc in failures if t >= up_at[0] + longest]
         assert late == []
         assert any(t >= up_at[0] for t in started_ok_after)
         with psycopg.connect(private_server.dsn("restart")) as conn:

@@ -202,6 +202,52 @@ def test_conn_max_age_is_refused_with_a_fix(make_wrapper: Wrappers) -> None:
     assert "Set CONN_MAX_AGE to 0" in message
 
 
+def test_conn_max_age_set_after_the_first_connect_is_refused_too(
+    make_wrapper: Wrappers,
+) -> None:
+    # Django's LiveServerTestCase tests change it at run time; the short
+    # path of the next connect() must not skip the check.
+    wrapper = make_wrapper("aged_later", True)
+    wrapper.ensure_connection()
+    wrapper.close()
+    wrapper.settings_dict["CONN_MAX_AGE"] = None
+    try:
+        with pytest.raises(ImproperlyConfigured, match="CONN_MAX_AGE'] is None"):
+            wrapper.ensure_connection()
+    finally:
+        wrapper.settings_dict["CONN_MAX_AGE"] = 0
+
+
+def test_pool_property_refuses_persistent_connections_before_making_a_pool(
+    make_wrapper: Wrappers,
+) -> None:
+    # As Django's pool property does (Django's own backends tests rely on it):
+    # a pool made here would stay open, on the test database, for good.
+    wrapper = make_wrapper("aged_pool", True, CONN_MAX_AGE=10)
+    with pytest.raises(ImproperlyConfigured) as excinfo:
+        wrapper.pool  # noqa: B018
+    message = str(excinfo.value)
+    # Django's own sentence first: its tests look for it.
+    assert message.startswith("Pooling doesn't support persistent connections. ")
+    assert "DATABASES['aged_pool']['CONN_MAX_AGE'] is 10" in message
+    assert registry.pools_for_alias("aged_pool") == []
+
+
+def test_connect_while_connected_gives_the_previous_connection_back(
+    make_wrapper: Wrappers,
+) -> None:
+    wrapper = make_wrapper("reconnected", {"min_size": 1, "max_size": 2})
+    wrapper.ensure_connection()
+    pool = wrapper.pool
+    assert pool is not None
+    # Django's connect() replaces the connection without closing it.
+    wrapper.connect()
+    wrapper.connect()
+    assert len(pool.holders) == 1
+    wrapper.close()
+    assert pool.holders == {}
+
+
 def test_pool_false_uses_plain_connections(
     make_wrapper: Wrappers, admin: psycopg.Connection[Any]
 ) -> None:

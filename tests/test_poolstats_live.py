@@ -102,6 +102,7 @@ def test_served_requests_add_up_across_workers(server: Server) -> None:
     warm_both_workers(server)
     server.idle()
     before = server.total("requests_served")
+    resets_before = server.total("resets")
     sent = 24
     for _ in range(sent // 6):
         threads, _ = in_parallel(server.port, ["/whoami/"] * 6)
@@ -110,9 +111,8 @@ def test_served_requests_add_up_across_workers(server: Server) -> None:
     data = json.loads(server.call("--json"))
     (total,) = data["totals"]
     assert total["requests_served"] == before + sent
-    # /whoami/ runs only statements that leave the session clean: the
-    # "auto" reset had nothing to reset.
-    assert total["resets"] == 0
+    # The default reset ("always") resets every connection that comes back.
+    assert total["resets"] == resets_before + sent
     assert total["timeouts"] == total["rejected"] == total["resets_failed"] == 0
     assert total["wait"]["window"] == min(total["requests_served"], 1000 * total["processes"])
 

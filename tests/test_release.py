@@ -134,7 +134,7 @@ def test_the_connection_goes_back_after_each_statement_and_a_changed_session_is_
                 "SELECT state, query FROM pg_stat_activity WHERE pid = %s", [first]
             ).fetchone()
             or ("", "")
-        )[1].startswith("CLOSE ALL")
+        )[1].startswith(("DISCARD ALL", "CLOSE ALL"))
     )
     assert pid(alias) == first  # borrowed again: the one server connection
     assert server_pids(admin, f"dpb-test {alias}") == {first}
@@ -588,6 +588,37 @@ def test_execute_wrappers_see_every_statement_even_when_they_query_themselves(
         assert Item.objects.using(alias).filter(name="wrapped").count() == 1
     assert [verb for verb, _ in seen[-2:]] == ["INSERT", "SELECT"]
     assert connections[alias].connection is None
+
+
+def test_a_statement_run_while_connecting_leaves_the_cursor_a_connection(
+    aliases: Aliases,
+) -> None:
+    # Code wrapping ensure_connection() that queries once connected (Django's
+    # test_utils AssertNumQueriesUponConnectionTests does so): the statement
+    # gives the connection back before Django creates the cursor it
+    # connected for, which borrows again instead of failing on None.
+    alias = aliases("txn_configuring", max_size=1)
+    wrapper = connections[alias]
+    real_ensure_connection = wrapper.ensure_connection
+    configured: list[int] = []
+
+    def ensure_connection_then_configure() -> None:
+        opening = wrapper.connection is None
+        real_ensure_connection()
+        if opening and not configured:
+            with wrapper.cursor() as cursor:
+                cursor.execute("SELECT 1")
+                configured.append(cursor.fetchone()[0])
+
+    wrapper.ensure_connection = ensure_connection_then_configure  # type: ignore[method-assign]
+    try:
+        with wrapper.cursor() as cursor:
+            cursor.execute("SELECT 2")
+            assert cursor.fetchone() == (2,)
+    finally:
+        del wrapper.ensure_connection
+    assert configured == [1]
+    assert wrapper.connection is None
 
 
 def test_migrations_run_forwards_and_backwards(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +33,10 @@ class Command(BaseCommand):
             "--prometheus", action="store_true", help="Print the Prometheus text format."
         )
         parser.add_argument(
-            "--watch", type=float, metavar="SECONDS", help="Refresh every SECONDS until Ctrl-C."
+            "--watch",
+            type=watch_seconds,
+            metavar="SECONDS",
+            help=f"Refresh every SECONDS (more than 0, at most {MAX_WATCH:g}) until Ctrl-C.",
         )
         parser.add_argument(
             "--check",
@@ -41,7 +46,7 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--max-wait",
-            type=float,
+            type=max_wait_seconds,
             metavar="SECONDS",
             help="With --check: the longest acceptable wait "
             f"(default {poolstats.DEFAULT_MAX_WAIT:g}).",
@@ -123,22 +128,14 @@ def validate_flags(options: dict[str, Any]) -> None:
     """Refuse flags that contradict each other, with a one-line CommandError."""
     if options["json"] and options["prometheus"]:
         raise CommandError("--json and --prometheus cannot be used together: choose one format.")
-    watch = options["watch"]
-    if watch is not None:
-        if not watch > 0:
-            raise CommandError(f"--watch needs a positive number of seconds, not {watch:g}.")
+    if options["watch"] is not None:
         for flag in ("json", "prometheus", "check"):
             if options[flag]:
                 raise CommandError(
                     f"--watch refreshes the text view; it cannot be combined with --{flag}."
                 )
-    if options["max_wait"] is not None:
-        if not options["check"]:
-            raise CommandError("--max-wait only applies with --check.")
-        if not options["max_wait"] >= 0:
-            raise CommandError(
-                f"--max-wait needs a number of seconds of 0 or more, not {options['max_wait']:g}."
-            )
+    if options["max_wait"] is not None and not options["check"]:
+        raise CommandError("--max-wait only applies with --check.")
     if options["server"]:
         for flag in ("prometheus", "check"):
             if options[flag]:
@@ -146,6 +143,43 @@ def validate_flags(options: dict[str, Any]) -> None:
                     f"--server shows the server's connections as text or --json; it cannot be "
                     f"combined with --{flag}."
                 )
+
+
+MAX_WATCH = 3600.0
+"""The longest ``--watch`` interval: beyond, ``time.sleep()`` overflows or nothing is watched."""
+
+
+def watch_seconds(text: str) -> float:
+    """``--watch``: a finite number of seconds, more than 0 and at most an hour."""
+    value = _seconds(text, "--watch")
+    if not 0 < value <= MAX_WATCH:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds more than 0 and at most {MAX_WATCH:g}; "
+            "use for example --watch 2."
+        )
+    return value
+
+
+def max_wait_seconds(text: str) -> float:
+    """``--max-wait``: a finite number of seconds, 0 or more."""
+    value = _seconds(text, "--max-wait")
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds of 0 or more; use for example --max-wait 5."
+        )
+    return value
+
+
+def _seconds(text: str, flag: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a finite number of seconds; use for example {flag} 2."
+        )
+    return value
 
 
 def validate_alias(alias: str) -> None:

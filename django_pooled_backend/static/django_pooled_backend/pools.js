@@ -457,8 +457,12 @@
 
     const stale = data.processes.filter((p) => p.stale);
     staleBox.replaceChildren(...stale.map((p) => el("li", {
-      text: "Stale: pid " + p.pid + " on " + p.host + " (" + p.program + ") has published " +
-        "nothing for " + p.age_s.toFixed(1) + "s; its figures are not shown.",
+      text: p.suspicious
+        ? "Suspicious: pid " + p.pid + " on " + p.host + " (" + p.program + "): " +
+          p.suspicious + "; its figures are not shown. No process of this project writes " +
+          "such a snapshot: check who can write " + data.directory + "."
+        : "Stale: pid " + p.pid + " on " + p.host + " (" + p.program + ") has published " +
+          "nothing for " + p.age_s.toFixed(1) + "s; its figures are not shown.",
     })));
     staleBox.hidden = stale.length === 0;
     shownOnce = true;
