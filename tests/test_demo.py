@@ -34,6 +34,18 @@ def demo(*args: str, stdin: int = subprocess.DEVNULL) -> subprocess.Popen[str]:
     )
 
 
+def stop(run: subprocess.Popen[str]) -> None:
+    """End a demo still running through its cleanup (SIGTERM), so that its gunicorn stops too."""
+    if run.poll() is None:
+        run.send_signal(signal.SIGTERM)
+        try:
+            run.communicate(timeout=90)
+        except subprocess.TimeoutExpired:
+            run.kill()  # its gunicorn may be left: say so in the failure
+            raise
+    run.communicate(timeout=30)  # and close the pipe
+
+
 def lines(stream: IO[str], seen: list[str]) -> Iterator[str]:
     for line in stream:
         seen.append(line)
@@ -79,14 +91,15 @@ def test_the_address_is_printed_when_the_page_answers_and_the_site_stays_up() ->
         with pytest.raises(ConnectionRefusedError):
             status(port, path)
     finally:
-        if run.poll() is None:
-            run.kill()
-        run.communicate(timeout=30)  # and close the pipe
+        stop(run)
 
 
 def test_without_a_terminal_the_demo_ends_after_its_summary() -> None:
     run = demo()
-    out = run.communicate(timeout=300)[0]
+    try:
+        out = run.communicate(timeout=300)[0]
+    finally:
+        stop(run)
     assert run.returncode == 0, out
     assert "== python manage.py poolstats --server" in out
     assert "then the demo ends" in out
@@ -111,6 +124,4 @@ def test_in_a_terminal_the_site_stays_up_until_ctrl_c() -> None:
         assert out.startswith("== stopped"), out
     finally:
         os.close(terminal)
-        if run.poll() is None:
-            run.kill()
-        run.communicate(timeout=30)  # and close the pipe
+        stop(run)
