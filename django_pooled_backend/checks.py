@@ -53,10 +53,16 @@ def check_pool_options(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
         try:
             parse_pool_options(alias, raw)
         except ImproperlyConfigured as exc:
+            hint = DOCS.format("'Configuration'")
+            if isinstance(raw, Mapping) and _refused_django_pool_keys(raw):
+                hint = (
+                    "See the 'Migrating' page of the django-pooled-backend docs: "
+                    '"From Django\'s built-in pool" says what replaces this key.'
+                )
             errors.append(
                 checks.Error(
                     str(exc),
-                    hint="See the 'Configuration' page of the django-pooled-backend docs.",
+                    hint=hint,
                     id="django_pooled_backend.E001",
                 )
             )
@@ -72,6 +78,111 @@ def check_pool_options(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
                 )
             )
     return errors
+
+
+# Keys of Django's OPTIONS["pool"] (psycopg_pool.ConnectionPool arguments)
+# that this ENGINE refuses: E001 then points at the migration notes.
+_DJANGO_POOL_ONLY = frozenset(
+    {"reconnect_failed", "close_returns", "connection_class", "conninfo", "kwargs", "open"}
+)
+
+# django-db-connection-pool's POOL_OPTIONS (SQLAlchemy QueuePool arguments,
+# upper case) and their names in OPTIONS["pool"].
+_DB_CONNECTION_POOL_KEYS = {
+    "POOL_SIZE": "pool_size",
+    "MAX_OVERFLOW": "max_overflow",
+    "RECYCLE": "pool_recycle",
+    "TIMEOUT": "pool_timeout",
+    "PRE_PING": "pool_pre_ping",
+}
+
+
+def _refused_django_pool_keys(raw: Mapping[str, Any]) -> list[str]:
+    """Keys of Django's own pool options that ``parse_pool_options`` refuses."""
+    found = [key for key in raw if key in _DJANGO_POOL_ONLY]
+    if "reset" in raw and callable(raw["reset"]):
+        found.append("reset")
+    return found
+
+
+@checks.register()
+def check_foreign_pool_settings(
+    app_configs: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """Settings of other pooling packages, which this ENGINE would silently ignore."""
+    messages: list[checks.CheckMessage] = []
+    hint = DOCS.format("'Migrating'")
+    for alias in pooled_aliases():
+        config = settings.DATABASES[alias]
+        where = f"DATABASES[{alias!r}]"
+        carried = config.get("POOL_OPTIONS")
+        if carried is not None:
+            messages.append(
+                checks.Warning(
+                    f"{where}['POOL_OPTIONS'] is a setting of django-db-connection-pool, "
+                    "which django_pooled_backend ignores: this pool runs with its own "
+                    f"defaults. {_translate_pool_options(carried)}",
+                    hint=hint,
+                    id="django_pooled_backend.W006",
+                )
+            )
+        if "TELEMETRY" in config:
+            messages.append(
+                checks.Warning(
+                    f"{where}['TELEMETRY'] is a setting of django-pg-real-pool, which "
+                    "django_pooled_backend ignores. Its pools publish their figures for "
+                    "manage.py poolstats, the admin page and Prometheus (the [prometheus] "
+                    "extra) by themselves.",
+                    hint=hint,
+                    id="django_pooled_backend.W006",
+                )
+            )
+    return messages
+
+
+@checks.register()
+def check_pool_parameters_without_the_engine(
+    app_configs: Any = None, **kwargs: Any
+) -> list[checks.CheckMessage]:
+    """``pool_*`` options on Django's own PostgreSQL backend: a URL without ``+pool``."""
+    errors: list[checks.CheckMessage] = []
+    for alias, config in settings.DATABASES.items():
+        if config.get("ENGINE") != "django.db.backends.postgresql":
+            continue
+        params = [key for key in config.get("OPTIONS") or {} if str(key).startswith("pool_")]
+        if not params:
+            continue
+        names = ", ".join(repr(param) for param in params)
+        errors.append(
+            checks.Error(
+                f"DATABASES[{alias!r}]['OPTIONS'] has {names}, options of "
+                "django_pooled_backend, but the ENGINE is Django's own PostgreSQL backend, "
+                "which has no such option: there is no pool, and libpq refuses them at the "
+                "first connection. A postgres:// database URL (without +pool) gives this.",
+                hint="Use a postgres+pool:// URL, or set ENGINE to 'django_pooled_backend' "
+                "and move them into OPTIONS['pool'] without the 'pool_' prefix (pool_size, "
+                "pool_recycle and pool_pre_ping keep it). " + DOCS.format("'Configuration'"),
+                id="django_pooled_backend.E006",
+            )
+        )
+    return errors
+
+
+def _translate_pool_options(carried: object) -> str:
+    """django-db-connection-pool's POOL_OPTIONS in this ENGINE's words."""
+    if not isinstance(carried, Mapping):
+        return "Set OPTIONS['pool'] instead."
+    pool = {
+        _DB_CONNECTION_POOL_KEYS[key]: value
+        for key, value in carried.items()
+        if key in _DB_CONNECTION_POOL_KEYS
+    }
+    left = [key for key in carried if key not in _DB_CONNECTION_POOL_KEYS]
+    text = f"The same settings in this ENGINE's words: OPTIONS['pool'] = {pool!r}."
+    if left:
+        # ECHO has no equivalent; django-db-connection-pool ignores any other key.
+        text += f" Not carried over: {', '.join(repr(key) for key in left)}."
+    return text
 
 
 @checks.register()

@@ -25,16 +25,27 @@ from __future__ import annotations
 import re
 from dataclasses import fields
 from typing import Any
-from urllib.parse import ParseResult, urlunparse
+from urllib.parse import ParseResult, urlparse, urlunparse
 
-import environ as django_environ
 from django.core.exceptions import ImproperlyConfigured
+
+try:
+    import environ as django_environ
+except ModuleNotFoundError as exc:  # pragma: no cover - tested in a child interpreter
+    if exc.name != "environ":
+        raise
+    raise ImproperlyConfigured(
+        "django_pooled_backend.environ reads database URLs with django-environ, which is "
+        "not installed. Install it with: pip install 'django-pooled-backend[environ]'"
+    ) from exc
 
 from .options import KNOWN_KEYS, SQLALCHEMY_ALIASES, PoolOptions, parse_pool_options
 
 ENGINE = "django_pooled_backend"
 SCHEMES = ("postgres+pool", "postgresql+pool")
 PREFIX = "pool_"
+# Django's own backend, which postgres:// (without +pool) selects: no pool.
+STOCK_ENGINE = "django.db.backends.postgresql"
 
 # Options whose text is kept as it is ("name=1" is a name, not a number).
 _TEXT_KEYS = frozenset({"name"})
@@ -66,6 +77,8 @@ def register() -> None:
         config: dict[str, Any] = original(cls, url, engine=engine)
         if config.get("ENGINE") == ENGINE:
             move_pool_options(config, url)
+        elif config.get("ENGINE") == STOCK_ENGINE:
+            refuse_pool_options(config, url)
         return config
 
     db_url_config._dpb_original = original  # type: ignore[attr-defined]
@@ -100,6 +113,30 @@ def move_pool_options(config: dict[str, Any], url: str | ParseResult) -> None:
     parse_pool_options("", pool, where=where)
     options["pool"] = pool
     config["OPTIONS"] = options
+
+
+def refuse_pool_options(config: dict[str, Any], url: str | ParseResult) -> None:
+    """Refuse ``pool_*`` parameters in a URL that selects Django's own backend.
+
+    ``postgres://`` without ``+pool`` gives Django's PostgreSQL backend, with
+    no pool: the parameters would otherwise reach libpq at the first query.
+    """
+    params = [key for key in config.get("OPTIONS") or {} if key.startswith(PREFIX)]
+    if not params:
+        return
+    scheme = (url if isinstance(url, ParseResult) else urlparse(url)).scheme
+    shown = redact(url)
+    example = f"postgres+pool{shown[len(scheme) :]}?{params[0]}=..."
+    names = ", ".join(repr(param) for param in params)
+    several = len(params) > 1
+    raise ImproperlyConfigured(
+        f"Query parameter{'s' if several else ''} {names} of database URL {shown} "
+        f"{'are pool options' if several else 'is a pool option'}, but the "
+        f"{scheme}:// scheme selects Django's own PostgreSQL backend, which has no "
+        f"pool: {'they' if several else 'it'} would reach libpq, which refuses "
+        f"{'them' if several else 'it'}. Use the postgres+pool:// scheme ({example}) to "
+        "get django_pooled_backend, or remove the pool_* parameters."
+    )
 
 
 def option_key(param: str) -> str:

@@ -1,7 +1,11 @@
 """The README's demo: the testproject under gunicorn, under load, and what the pools did.
 
-It starts by printing the address of the live pool page of the Django admin
-and a throwaway staff login, to watch the pools move while the load runs.
+As soon as the site answers, it prints the address of the live pool page of
+the Django admin and a throwaway staff login; the load runs ``--seconds``
+(8 by default), then the summary is printed.  The site then stays up, under
+the same load, so that the page can be looked at: until Ctrl-C when stdin is
+a terminal, for ``--stay SECONDS`` if given, and not at all otherwise (CI,
+tests: ``bash .ci/demo`` ends by itself).
 
 Run it with ``bash .ci/demo`` (which sets up the virtualenv first) or, in
 an environment that has the project installed, ``python -m testproject.demo``.
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import math
 import os
 import random
 import secrets
@@ -35,17 +40,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_http(port: int, timeout: float = 30.0) -> None:
+def wait_http(port: int, path: str = "/whoami/", timeout: float = 30.0) -> None:
+    """Until ``path`` answers 200 (or, for a page that wants a login, 302)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/whoami/")
-            if conn.getresponse().status == 200:
+            conn.request("GET", path)
+            if conn.getresponse().status in (200, 302):
                 return
         except OSError:
-            time.sleep(0.1)
-    raise SystemExit(f"gunicorn did not answer on 127.0.0.1:{port}")
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"gunicorn did not answer {path} on 127.0.0.1:{port}")
 
 
 def manage(*args: str) -> None:
@@ -67,12 +74,19 @@ def poolstats(*args: str) -> str:
 class Load:
     """Client threads sending a mix of reads, writes and slow requests."""
 
-    def __init__(self, port: int, clients: int, seconds: float, items: int) -> None:
+    def __init__(
+        self, port: int, clients: int, seconds: float, items: int, *, record: bool = True
+    ) -> None:
         self.port, self.clients, self.seconds, self.items = port, clients, seconds, items
+        # A load that runs until Ctrl-C does not keep every latency.
+        self.record = record
         self.latencies: list[float] = []
         # Keeps the clients going past ``seconds`` until it is set.
         self.hold = threading.Event()
         self.hold.set()
+        # Ends the clients at once (Ctrl-C, SIGTERM): gunicorn then stops
+        # without requests to finish.
+        self.stop = threading.Event()
         self.elapsed = 0.0
         self.errors: dict[str, int] = {}
         self.lock = threading.Lock()
@@ -82,7 +96,7 @@ class Load:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         deadline = time.monotonic() + self.seconds
         sent = 0
-        while time.monotonic() < deadline or not self.hold.is_set():
+        while not self.stop.is_set() and (time.monotonic() < deadline or not self.hold.is_set()):
             sent += 1
             if sent % 20 == 0:
                 # A keep-alive connection stays with the worker that accepted
@@ -112,7 +126,8 @@ class Load:
             elapsed = time.perf_counter() - started
             with self.lock:
                 if ok:
-                    self.latencies.append(elapsed)
+                    if self.record:
+                        self.latencies.append(elapsed)
                 else:
                     self.errors[key] = self.errors.get(key, 0) + 1
         conn.close()
@@ -149,19 +164,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--threads", type=int, default=4)
     parser.add_argument("--clients", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument(
+        "--seconds", type=float, default=8.0, help="how long the load runs (default 8)"
+    )
+    parser.add_argument(
+        "--stay",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="after the summary, keep the site up under load for SECONDS (default: until "
+        "Ctrl-C when stdin is a terminal, 0 otherwise)",
+    )
     parser.add_argument("--max-size", type=int, default=4)
     args = parser.parse_args(argv)
+    if args.stay is None:
+        args.stay = math.inf if sys.stdin.isatty() else 0.0
+    # Each line as it is printed, also into a pipe (tee, a test reading it).
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
-    # The live pool page first, so that a newcomer can open it while the
-    # load runs; the staff user is created once the database is migrated.
     port = free_port()
     password = secrets.token_urlsafe(9)
-    print(f"== the live pools in the Django admin: http://127.0.0.1:{port}/admin/pools/")
-    print(
-        f"   log in as demo, password {password} (a throwaway staff user of this demo); "
-        f"the load runs {args.seconds:g}s (bash .ci/demo --seconds 120 to watch it longer)"
-    )
 
     url = pgserver.database_url("testproject")
     dsn = psycopg.conninfo.make_conninfo(url.replace("postgres://", "postgresql://", 1))
@@ -169,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"== PostgreSQL on {host} (embedded unless DATABASE_URL is set)")
     print("== migrate and seed")
     manage("migrate", "--noinput", "-v", "0")
-    manage("ensure_user", "demo", password, "--staff")
+    # "--": a password may start with "-" (token_urlsafe draws from "-" and "_" too).
+    manage("ensure_user", "--staff", "--", "demo", password)
     items = 100
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("TRUNCATE shop_order, shop_item RESTART IDENTITY")
@@ -202,11 +225,28 @@ def main(argv: list[str] | None = None) -> int:
         cwd=ROOT,
         env=env,
     )
+    loads: list[Load] = []
     try:
         wait_http(port)
+        # The live pool page as soon as it answers, so that a newcomer can
+        # open it while the load runs.
+        page = f"http://127.0.0.1:{port}/admin/pools/"
+        wait_http(port, "/admin/pools/")
+        print(f"== the live pools in the Django admin: {page}")
+        print(f"   log in as demo, password {password} (a throwaway staff user of this demo)")
+        if math.isinf(args.stay):
+            print(f"   the load runs {args.seconds:g}s, then the site stays up until Ctrl-C")
+        elif args.stay > 0:
+            print(f"   the load runs {args.seconds:g}s, then the site stays up {args.stay:g}s")
+        else:
+            print(
+                f"   the load runs {args.seconds:g}s, then the demo ends (--stay SECONDS "
+                "keeps the site up; in a terminal it stays up until Ctrl-C)"
+            )
         mix = "80% reads, 15% writes, 5% slow"
         print(f"== load: {args.clients} clients for at least {args.seconds:g}s ({mix})")
         load = Load(port, args.clients, args.seconds, items)
+        loads.append(load)
         sampler_stop = threading.Event()
         peak: dict[str, int] = {}
 
@@ -257,10 +297,30 @@ def main(argv: list[str] | None = None) -> int:
         print(indent(seen.get("pools", "(did not run)")))
         print("== python manage.py poolstats --server, at the same moment:")
         print(indent(seen.get("server", "(did not run)")))
+        if args.stay > 0:
+            stay(port, args, items, page)
     finally:
+        for load in loads:
+            load.stop.set()
         gunicorn.terminate()
         gunicorn.wait(30)
     return 0
+
+
+def stay(port: int, args: argparse.Namespace, items: int, page: str) -> None:
+    """Keep the site up under the same load for ``args.stay`` seconds, or until Ctrl-C."""
+    until = "until Ctrl-C" if math.isinf(args.stay) else f"for {args.stay:g}s"
+    load = Load(port, args.clients, args.stay, items, record=False)
+    runner = threading.Thread(target=load.run, daemon=True)
+    try:
+        runner.start()
+        print(f"== the site stays up under the same load {until}: {page}")
+        runner.join()
+    except KeyboardInterrupt:
+        print("== stopped")
+    finally:
+        load.stop.set()
+        runner.join(30)
 
 
 if __name__ == "__main__":

@@ -120,6 +120,25 @@ def test_staff_get_the_page_in_the_admin_with_its_own_script_and_style(
 
 
 @pytest.mark.django_db
+def test_the_page_says_why_it_stays_empty_when_its_script_is_not_served(
+    admin_client: Client, published: Path
+) -> None:
+    # Plain gunicorn serves no static files: pools.js never runs, and the page
+    # must not stay on "Loading the pools..." without a reason.  The script
+    # removes this message when it runs (test_admin_pools_live.py).
+    html = admin_client.get(PAGE).content.decode()
+    message = re.search(r'<p id="pools-script-missing" class="errornote">(.*?)</p>', html)
+    assert message is not None
+    text = re.sub(r"<[^>]+>", "", message.group(1))
+    assert "the static files are not served" in text
+    assert "/static/django_pooled_backend/pools.js did not load" in text
+    assert "manage.py collectstatic" in text
+    assert "manage.py poolstats shows the same figures" in text
+    script = (PACKAGE / "static" / "django_pooled_backend" / "pools.js").read_text()
+    assert 'getElementById("pools-script-missing")' in script
+
+
+@pytest.mark.django_db
 def test_the_page_loads_nothing_from_another_site(admin_client: Client, published: Path) -> None:
     html = admin_client.get(PAGE).content.decode()
     loaded = re.findall(r'<(?:script|link|img)\b[^>]*?(?:src|href)="([^"]*)"', html)

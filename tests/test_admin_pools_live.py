@@ -213,6 +213,8 @@ def test_staff_see_every_worker_pool_as_poolstats_reports_it(browser: Any, serve
             timeout=60,
             what="the utilisation chart to draw a line per worker",
         )
+        # The script ran: its message for when it does not is gone.
+        assert not browser.find_elements("id", "pools-script-missing")
         time.sleep(8)  # the load goes on: a few seconds of history to draw
         wait_for(lambda: server.total("lent") > 0, what="connections lent under load")
     server.idle()
@@ -365,6 +367,28 @@ def test_admin_index_links_to_the_page(browser: Any, server: Server) -> None:
     )
     links[0].click()
     wait_for(lambda: browser.current_url == server.url + PAGE, what="the pool page")
+
+
+def test_without_its_script_the_page_says_why_it_stays_empty(browser: Any, server: Server) -> None:
+    # As behind plain gunicorn, which serves no static files: pools.js fails to
+    # load (log_in() waits until the page has loaded, deferred scripts included).
+    browser.execute_cdp_cmd("Network.enable", {})
+    browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": ["*/pools.js"]})
+    try:
+        log_in(browser, server, STAFF)
+        assert browser.current_url == server.url + PAGE
+        message = browser.find_element("id", "pools-script-missing")
+        assert message.is_displayed()
+        assert "the static files are not served" in message.text
+        assert "/static/django_pooled_backend/pools.js did not load" in message.text
+    finally:
+        browser.execute_cdp_cmd("Network.setBlockedURLs", {"urls": []})
+    # Served again, the script runs and removes it.
+    browser.get(server.url + PAGE)
+    wait_for(
+        lambda: not browser.find_elements("id", "pools-script-missing"),
+        what="the script to remove the message",
+    )
 
 
 def test_a_user_who_is_not_staff_is_refused(browser: Any, server: Server) -> None:

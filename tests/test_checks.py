@@ -189,3 +189,78 @@ def test_an_unreachable_server_is_a_warning_not_a_crash(make_wrapper: Wrappers) 
 def test_behind_a_transaction_pooler_the_server_limit_is_not_ours(make_wrapper: Wrappers) -> None:
     wrapper = make_wrapper("capacity", {"max_size": 100_000, "transaction_pooling": True})
     assert checks.server_capacity_messages(wrapper) == []
+
+
+# -- settings carried over from other pools -------------------------------------------
+
+
+def all_messages(**databases: dict[str, Any]) -> list[Any]:
+    """Every system check message with DATABASES set to ``databases`` (no database check)."""
+    from django.core.checks import run_checks
+
+    with override_settings(DATABASES=databases):
+        return [m for m in run_checks() if m.id.startswith("django_pooled_backend.")]
+
+
+def test_settings_of_django_db_connection_pool_are_a_warning_with_their_translation() -> None:
+    carried = database(
+        POOL_OPTIONS={"POOL_SIZE": 5, "MAX_OVERFLOW": 5, "RECYCLE": 300, "PRE_PING": True}
+    )
+    [message] = all_messages(default=carried)
+    assert message.id == "django_pooled_backend.W006"
+    assert message.msg == (
+        "DATABASES['default']['POOL_OPTIONS'] is a setting of django-db-connection-pool, "
+        "which django_pooled_backend ignores: this pool runs with its own defaults. "
+        "The same settings in this ENGINE's words: OPTIONS['pool'] = {'pool_size': 5, "
+        "'max_overflow': 5, 'pool_recycle': 300, 'pool_pre_ping': True}."
+    )
+    assert "'Migrating' page" in message.hint
+    # The translation is accepted as it is.
+    parse_pool_options("default", {"pool_size": 5, "max_overflow": 5, "pool_recycle": 300})
+
+
+def test_settings_without_an_equivalent_are_named_in_the_warning() -> None:
+    carried = database(POOL_OPTIONS={"POOL_SIZE": 5, "ECHO": True, "use_lifo": True})
+    [message] = all_messages(default=carried)
+    assert message.id == "django_pooled_backend.W006"
+    assert "OPTIONS['pool'] = {'pool_size': 5}" in message.msg
+    assert message.msg.endswith(" Not carried over: 'ECHO', 'use_lifo'.")
+
+
+def test_telemetry_of_django_pg_real_pool_is_a_warning() -> None:
+    [message] = all_messages(default=database(TELEMETRY={"ENABLED": True}))
+    assert message.id == "django_pooled_backend.W006"
+    assert "DATABASES['default']['TELEMETRY'] is a setting of django-pg-real-pool" in message.msg
+
+
+@pytest.mark.parametrize(
+    "pool",
+    [
+        {"reset": print},
+        {"reconnect_failed": print},
+        {"close_returns": True},
+        {"connection_class": psycopg.Connection},
+    ],
+)
+def test_keys_of_django_s_pool_that_are_refused_point_at_the_migration_page(
+    pool: dict[str, Any],
+) -> None:
+    [message] = all_messages(default=database(OPTIONS={"pool": pool}))
+    assert message.id == "django_pooled_backend.E001"
+    assert "'Migrating' page" in message.hint
+
+
+def test_pool_parameters_on_django_s_own_backend_are_an_error() -> None:
+    # What dj-database-url (or django-environ without our module) makes of
+    # postgres://...?pool_max_size=20: Django's backend, no pool.
+    stock = database(ENGINE="django.db.backends.postgresql", OPTIONS={"pool_max_size": 20})
+    [message] = all_messages(default=database(), other=stock)
+    assert message.id == "django_pooled_backend.E006"
+    assert message.msg.startswith(
+        "DATABASES['other']['OPTIONS'] has 'pool_max_size', options of django_pooled_backend, "
+        "but the ENGINE is Django's own PostgreSQL backend"
+    )
+    assert "postgres+pool://" in message.hint
+    # Django's own pool ("pool") is not ours to judge.
+    own_pool = database(ENGINE="django.db.backends.postgresql", OPTIONS={"pool": True})
+    assert all_messages(default=database(), other=own_pool) == []

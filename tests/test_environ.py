@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 from urllib.parse import quote
 
 import environ
@@ -77,7 +80,69 @@ def test_explicit_engine_maps_pool_parameters_of_a_postgres_url() -> None:
     result = config("pool_max_size=4", url=url, engine="django_pooled_backend")
     assert result["OPTIONS"] == {"pool": {"max_size": 4}}
     # Other engines are none of our business.
-    assert config("pool_max_size=4", url=url)["OPTIONS"] == {"pool_max_size": 4}
+    assert config("pool_max_size=4", url="mysql://app:x@db/shop")["OPTIONS"] == {"pool_max_size": 4}
+
+
+@pytest.mark.parametrize("plain", ["postgres", "postgresql", "pgsql", "psql"])
+def test_pool_parameters_of_a_plain_postgres_url_are_refused_naming_the_scheme(
+    plain: str,
+) -> None:
+    # Without +pool the URL selects Django's stock backend: no pool at all.
+    url = URL.replace("postgres+pool", plain)
+    with pytest.raises(ImproperlyConfigured) as excinfo:
+        config("sslmode=require&pool_max_size=20&pool_timeout=5", url=url)
+    message = str(excinfo.value)
+    assert message == (
+        f"Query parameters 'pool_max_size', 'pool_timeout' of database URL "
+        f"{plain}://app:***@db.example:6432/shop are pool options, but the {plain}:// "
+        "scheme selects Django's own PostgreSQL backend, which has no pool: they would "
+        "reach libpq, which refuses them. Use the postgres+pool:// scheme "
+        "(postgres+pool://app:***@db.example:6432/shop?pool_max_size=...) to get "
+        "django_pooled_backend, or remove the pool_* parameters."
+    )
+    assert "s3cr" not in message
+
+
+def test_a_plain_postgres_url_without_pool_parameters_still_gives_django_s_backend() -> None:
+    result = config("sslmode=require", url=URL.replace("postgres+pool", "postgres"))
+    assert result["ENGINE"] == "django.db.backends.postgresql"
+    assert result["OPTIONS"] == {"sslmode": "require"}
+
+
+# A meta path finder that makes django-environ look uninstalled, in a child
+# interpreter: the rest of the environment is this one's.
+WITHOUT_ENVIRON = """
+import sys
+
+class Refuse:
+    def find_spec(self, name, path=None, target=None):
+        if name == "environ" or name.startswith("environ."):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, Refuse())
+try:
+    import django_pooled_backend.environ
+except Exception as exc:
+    print(type(exc).__module__ + "." + type(exc).__qualname__)
+    print(exc)
+"""
+
+
+def test_without_django_environ_the_import_says_which_extra_to_install() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_ENVIRON],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    kind, message = result.stdout.split("\n", 1)
+    assert kind == "django.core.exceptions.ImproperlyConfigured"
+    assert message.strip() == (
+        "django_pooled_backend.environ reads database URLs with django-environ, which is "
+        "not installed. Install it with: pip install 'django-pooled-backend[environ]'"
+    )
 
 
 def test_a_value_of_the_wrong_type_names_the_query_parameter_not_the_password() -> None:

@@ -35,6 +35,12 @@
   if (!root) {
     return;
   }
+  // The page's message for when this script never runs (static files not
+  // served, JavaScript off): it has run.
+  const scriptMissing = document.getElementById("pools-script-missing");
+  if (scriptMissing) {
+    scriptMissing.remove();
+  }
   const dataUrl = root.dataset.url;
   const refreshMs = Number(root.dataset.refreshMs) || 1000;
   const historyMs = (Number(root.dataset.historySeconds) || 300) * 1000;
