@@ -1,8 +1,10 @@
 """Read and validate ``DATABASES[alias]["OPTIONS"]["pool"]``.
 
-Everything Django's own ``OPTIONS["pool"]`` accepts is accepted here with the
-same meaning, plus SQLAlchemy's spelling of the same settings and a few
-options of our own.  The result is one frozen :class:`PoolOptions`; every bad
+The keys of Django's own ``OPTIONS["pool"]`` (psycopg_pool's) are accepted
+with the same meaning, but those that would hand the pool's internals to the
+settings (``reset`` as a callable, ``reconnect_failed``, ``connection_class``
+...: see the migration page of the docs), plus SQLAlchemy's spelling of the
+same settings and a few options of our own.  The result is one frozen :class:`PoolOptions`; every bad
 value raises :class:`~django.core.exceptions.ImproperlyConfigured` naming the
 alias, the key, the value and the fix.
 """

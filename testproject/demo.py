@@ -19,6 +19,7 @@ import math
 import os
 import random
 import secrets
+import signal
 import socket
 import statistics
 import subprocess
@@ -219,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
             str(args.threads),
             "--bind",
             f"127.0.0.1:{port}",
+            # A demo that is stopped ends within seconds: no request of its
+            # own load is worth waiting for longer.
+            "--graceful-timeout",
+            "5",
             "--log-level",
             "warning",
         ],
@@ -303,7 +308,13 @@ def main(argv: list[str] | None = None) -> int:
         for load in loads:
             load.stop.set()
         gunicorn.terminate()
-        gunicorn.wait(30)
+        try:
+            gunicorn.wait(15)
+        except subprocess.TimeoutExpired:
+            # Never leave it running (it also holds the demo's output open).
+            print("== gunicorn did not stop within 15s of SIGTERM: killed", file=sys.stderr)
+            gunicorn.kill()
+            gunicorn.wait(15)
     return 0
 
 
@@ -315,16 +326,24 @@ def stay(port: int, args: argparse.Namespace, items: int, page: str) -> None:
     try:
         runner.start()
         print(f"== the site stays up under the same load {until}: {page}")
-        runner.join()
+        # In short waits: Ctrl-C delivered to another thread (the kernel
+        # picks any) only interrupts the main thread's next wake-up.
+        while runner.is_alive():
+            runner.join(0.2)
     except KeyboardInterrupt:
         print("== stopped")
     finally:
         load.stop.set()
-        runner.join(30)
+        # Its clients are daemons, each ending after its request in flight.
+        runner.join(5)
 
 
 if __name__ == "__main__":
     from testproject.shutdown import exit_on_sigterm
 
     exit_on_sigterm()  # a kill still stops what the run started
+    # Ctrl-C ends the demo even when it was started with SIGINT ignored (a
+    # shell's background job, some CI runners): Python then installs no
+    # handler of its own, and Ctrl-C would do nothing.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())
