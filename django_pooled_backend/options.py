@@ -4,9 +4,10 @@ The keys of Django's own ``OPTIONS["pool"]`` (psycopg_pool's) are accepted
 with the same meaning, but those that would hand the pool's internals to the
 settings (``reset`` as a callable, ``reconnect_failed``, ``connection_class``
 ...: see the migration page of the docs), plus SQLAlchemy's spelling of the
-same settings and a few options of our own.  The result is one frozen :class:`PoolOptions`; every bad
-value raises :class:`~django.core.exceptions.ImproperlyConfigured` naming the
-alias, the key, the value and the fix.
+same settings and a few options of our own.  The result is one frozen
+:class:`PoolOptions`; every bad value raises
+:class:`~django.core.exceptions.ImproperlyConfigured` naming the alias, the
+key, the value and the fix.
 """
 
 from __future__ import annotations
