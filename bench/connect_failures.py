@@ -13,8 +13,6 @@ the error the command ended with.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,13 +28,9 @@ ENGINES = {
     "stock": ("django.db.backends.postgresql", False),
     "django-pool": ("django.db.backends.postgresql", True),
 }
+from testproject import launch, pgserver  # noqa: E402
+
 COMMANDS = {"migrate": ["migrate", "--noinput"], "check": ["check", "--database", "default"]}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def broken_urls(url: str) -> dict[str, str]:
@@ -49,7 +43,7 @@ def broken_urls(url: str) -> dict[str, str]:
         "wrong password": urlunsplit(parts._replace(netloc=f"{user}:wrong@{hostport}")),
         "missing database": urlunsplit(parts._replace(path="/no_such_database")),
         "stopped server": urlunsplit(
-            parts._replace(netloc=f"{user}:{_password}@{host}:{free_port()}")
+            parts._replace(netloc=f"{user}:{_password}@{host}:{launch.free_port()}")
         ),
     }
 
@@ -63,11 +57,7 @@ def error_line(output: str) -> str:
 
 
 def main() -> None:
-    url = os.environ.get("DATABASE_URL")
-    if not url:
-        from testproject import pgserver
-
-        url = pgserver.database_url("testproject")
+    url = pgserver.database_url("testproject")
     for case, broken in broken_urls(url).items():
         for engine_name, (engine, django_pool) in ENGINES.items():
             for command_name, command in COMMANDS.items():
@@ -78,14 +68,7 @@ def main() -> None:
                     "TESTPROJECT_DJANGO_POOL": str(int(django_pool)),
                 }
                 started = time.monotonic()
-                done = subprocess.run(
-                    [sys.executable, "manage.py", *command],
-                    cwd=ROOT,
-                    env=env,
-                    capture_output=True,
-                    text=True,
-                    timeout=300,
-                )
+                done = launch.manage(*command, env=env)
                 seconds = time.monotonic() - started
                 first = error_line(done.stderr + done.stdout)
                 print(

@@ -47,6 +47,7 @@ elif str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import run, strategies  # noqa: E402
+from testproject import pgserver  # noqa: E402
 
 COLLECTED = re.compile(r"Collected\s*:\s*(\d+)")
 
@@ -65,7 +66,7 @@ def child(name: str, n: int) -> None:
     """Runs under callgrind: ``n`` requests of workload (a) on strategy ``name``."""
     import environ
 
-    db = environ.Env.db_url_config(run.database_url())
+    db = environ.Env.db_url_config(pgserver.database_url("bench"))
     run.configure_django(db, [strategies.BY_NAME[name]], None)
     from django.conf import settings
 
@@ -113,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("valgrind is not installed (apt-get install valgrind).")
     import environ
 
-    db = environ.Env.db_url_config(run.database_url())
-    run.ensure_database(db)
+    db = environ.Env.db_url_config(pgserver.database_url("bench"))
     names = args.strategies.split(",")
     for name in names:
         if name not in strategies.BY_NAME:

@@ -37,6 +37,7 @@ elif str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench import run, strategies  # noqa: E402
+from testproject import pgserver  # noqa: E402
 
 # The functions of the borrow/return path, as pstats names them.
 PATH = [
@@ -185,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import environ
 
-    db = environ.Env.db_url_config(run.database_url())
-    run.ensure_database(db)
+    db = environ.Env.db_url_config(pgserver.database_url("bench"))
     chosen = [strategies.BY_NAME[n] for n in args.strategies.split(",")]
     if strategies.REFERENCE not in [s.name for s in chosen]:
         chosen.insert(0, strategies.BY_NAME[strategies.REFERENCE])

@@ -297,6 +297,9 @@ def _borrow_waits(strategy: str) -> tuple[float, float] | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from testproject import pgserver
+
+    pgserver.database_url("testproject")  # before the settings read DATABASE_URL
     configure(args)
     prepare_data(args.items)
     import psycopg

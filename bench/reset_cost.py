@@ -234,6 +234,9 @@ def judge_costs() -> list[tuple[str, float, float]]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from testproject import pgserver
+
+    pgserver.database_url("testproject")  # before the settings read DATABASE_URL
     thread_counts = [int(t) for t in args.threads.split(",")]
     configure(max(thread_counts))
     from bench.release_modes import prepare_data, table

@@ -16,7 +16,6 @@ seconds apart.  Results go to ``bench/results/latest.{md,rst,json}``.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import time
@@ -33,6 +32,7 @@ elif str(ROOT) not in sys.path:
 
 from bench import report, strategies  # noqa: E402
 from testproject import pgbouncer as bouncer  # noqa: E402
+from testproject import pgserver  # noqa: E402
 
 QUICK = {
     "reps": 1,
@@ -106,34 +106,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.strategy_list = [strategies.BY_NAME[n] for n in names]
     args.workload_list = [w.strip() for w in args.workloads.split(",") if w.strip()]
     return args
-
-
-def database_url() -> str:
-    """``DATABASE_URL``, or the embedded server's ``bench`` database."""
-    from testproject import pgserver
-
-    if os.environ.get("DATABASE_URL"):
-        return os.environ["DATABASE_URL"]
-    return pgserver.database_url("bench")
-
-
-def ensure_database(db: dict[str, Any]) -> None:
-    """Create the database named in ``db`` if the server does not have it."""
-    import psycopg
-    from psycopg import sql
-
-    with psycopg.connect(
-        host=db["HOST"],
-        port=db["PORT"],
-        user=db["USER"],
-        password=db["PASSWORD"],
-        dbname="postgres",
-        autocommit=True,
-    ) as conn:
-        if not conn.execute(
-            "SELECT 1 FROM pg_database WHERE datname = %s", [db["NAME"]]
-        ).fetchone():
-            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db["NAME"])))
 
 
 def configure_django(
@@ -223,9 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         return render(args.render, args.output_dir)
     import environ
 
-    url = database_url()
+    url = pgserver.database_url("bench")
     db = environ.Env.db_url_config(url)
-    ensure_database(db)
     sample_dsn = (
         f"host={db['HOST']} port={db['PORT']} user={db['USER']} "
         f"password={db['PASSWORD']} dbname={db['NAME']}"
@@ -244,13 +215,13 @@ def main(argv: list[str] | None = None) -> int:
 
     pgb = None
     if any(s.via_pgbouncer for s in chosen):
-        binary = bouncer.find(install=True)
+        binary = bouncer.find()
         if binary is None:
             print(f"skipping the PgBouncer strategies: pgbouncer not found. {bouncer.INSTALL_HINT}")
             chosen = [s for s in chosen if not s.via_pgbouncer]
         else:
             pgb = bouncer.start(
-                database_url(),
+                url,
                 executable=binary,
                 default_pool_size=args.max_size,
                 settings={

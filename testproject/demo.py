@@ -20,55 +20,24 @@ import os
 import random
 import secrets
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import psycopg
 
-from testproject import pgserver
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_http(port: int, path: str = "/whoami/", timeout: float = 30.0) -> None:
-    """Until ``path`` answers 200 (or, for a page that wants a login, 302)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", path)
-            if conn.getresponse().status in (200, 302):
-                return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"gunicorn did not answer {path} on 127.0.0.1:{port}")
+from testproject import launch, pgserver
 
 
 def manage(*args: str) -> None:
-    subprocess.run([sys.executable, "manage.py", *args], cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "manage.py", *args], cwd=launch.ROOT, check=True)
 
 
 def poolstats(*args: str) -> str:
     """``manage.py poolstats`` in a process of its own, as an operator would run it."""
-    result = subprocess.run(
-        [sys.executable, "manage.py", "poolstats", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = launch.manage("poolstats", *args, timeout=60)
     return result.stdout + result.stderr
 
 
@@ -183,7 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     # Each line as it is printed, also into a pipe (tee, a test reading it).
     sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
 
-    port = free_port()
     password = secrets.token_urlsafe(9)
 
     url = pgserver.database_url("testproject")
@@ -204,39 +172,19 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     env = {**os.environ, "POOL_MAX_SIZE": str(args.max_size), "POOL_MIN_SIZE": "1"}
+    gunicorn = launch.start_site(env, workers=args.workers, threads=args.threads)
+    port = gunicorn.port
     print(
         f"== gunicorn: {args.workers} workers x {args.threads} threads on 127.0.0.1:{port}, "
         f"pool max_size {args.max_size} per worker"
     )
-    gunicorn = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "testproject.wsgi",
-            "--workers",
-            str(args.workers),
-            "--threads",
-            str(args.threads),
-            "--bind",
-            f"127.0.0.1:{port}",
-            # A demo that is stopped ends within seconds: no request of its
-            # own load is worth waiting for longer.
-            "--graceful-timeout",
-            "5",
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
     loads: list[Load] = []
     try:
-        wait_http(port)
-        # The live pool page as soon as it answers, so that a newcomer can
-        # open it while the load runs.
-        page = f"http://127.0.0.1:{port}/admin/pools/"
-        wait_http(port, "/admin/pools/")
+        gunicorn.wait()
+        # The live pool page as soon as it answers (a login first), so that
+        # a newcomer can open it while the load runs.
+        page = f"{gunicorn.url}/admin/pools/"
+        gunicorn.wait("/admin/pools/", ok=(200, 302))
         print(f"== the live pools in the Django admin: {page}")
         print(f"   log in as demo, password {password} (a throwaway staff user of this demo)")
         if math.isinf(args.stay):
@@ -307,14 +255,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for load in loads:
             load.stop.set()
-        gunicorn.terminate()
-        try:
-            gunicorn.wait(15)
-        except subprocess.TimeoutExpired:
-            # Never leave it running (it also holds the demo's output open).
+        if gunicorn.stop(timeout=15):
+            # Never left running (it also holds the demo's output open).
             print("== gunicorn did not stop within 15s of SIGTERM: killed", file=sys.stderr)
-            gunicorn.kill()
-            gunicorn.wait(15)
     return 0
 
 

@@ -15,16 +15,16 @@ Usage from Python::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from testproject import pgserver
+from testproject import launch, pgserver
 
 WORK_DIR = pgserver.ROOT / ".pgdata"
 CANDIDATES = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer", "/usr/local/bin/pgbouncer")
@@ -33,24 +33,11 @@ CANDIDATES = ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer", "/usr/local/bin/pgbou
 INSTALL_HINT = "Install it with: apt-get install pgbouncer (Debian, Ubuntu)."
 
 
-def find(install: bool = False) -> str | None:
-    """The pgbouncer executable, or None if it is not installed.
-
-    With ``install``, as root on a system with apt-get, a missing
-    PgBouncer is installed first (the benchmark does this).
-    """
-    found = shutil.which("pgbouncer") or next(
+def find() -> str | None:
+    """The pgbouncer executable, or None if it is not installed (``.ci/run`` installs it)."""
+    return shutil.which("pgbouncer") or next(
         (path for path in CANDIDATES if os.access(path, os.X_OK)), None
     )
-    if found or not install or os.geteuid() != 0 or not shutil.which("apt-get"):
-        return found
-    print("pgbouncer is not installed: running apt-get install -y pgbouncer", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "install", "-y", "-q", "pgbouncer"]
-    if subprocess.run(command, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True)
-        subprocess.run(command, env=env, capture_output=True)
-    return find(install=False)
 
 
 def version(executable: str) -> tuple[int, ...]:
@@ -100,12 +87,6 @@ class PgBouncer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start(
     server_url: str,
     *,
@@ -123,7 +104,7 @@ def start(
         raise FileNotFoundError("pgbouncer is not installed (apt-get install pgbouncer)")
     server = urlparse(server_url)
     user, password = unquote(server.username or ""), unquote(server.password or "")
-    port = _free_port()
+    port = launch.free_port()
     directory = WORK_DIR / f"pgbouncer-{port}"
     directory.mkdir(parents=True)
     quoted = password.replace('"', '""')
@@ -162,17 +143,17 @@ def start(
         stderr=subprocess.DEVNULL,
     )
     bouncer = PgBouncer(process, "127.0.0.1", port, user, password, directory, version(executable))
-    deadline = time.monotonic() + 30
+
+    def listening() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"PgBouncer did not start:\n{bouncer.log()[-4000:]}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return True
+        return False
+
     try:
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    return bouncer
-            except OSError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    log = bouncer.log()
-                    raise RuntimeError(f"PgBouncer did not start:\n{log[-4000:]}") from None
-                time.sleep(0.05)
+        launch.wait_for(listening, timeout=30, what=f"PgBouncer on 127.0.0.1:{port}")
+        return bouncer
     except BaseException:
         # Did not start, or the caller was interrupted (Ctrl-C, SIGTERM) first:
         # nobody else can stop it.

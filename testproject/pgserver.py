@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from testproject.launch import free_port as _free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = ROOT / ".pgdata" / "default"
 STATE_FILE = "pgserver.json"
@@ -119,12 +121,6 @@ def _chown_tree(path: Path) -> None:
         os.chown(dirpath, entry.pw_uid, entry.pw_gid)
         for name in filenames:
             os.chown(os.path.join(dirpath, name), entry.pw_uid, entry.pw_gid)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _pg_ctl(bindir: Path, data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:

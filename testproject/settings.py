@@ -1,7 +1,13 @@
 """Settings of the testproject: a small real Django project on the pooled ENGINE.
 
-The database comes from ``DATABASE_URL`` (read with django-environ); without
-it, an embedded PostgreSQL server is started (see ``testproject/pgserver.py``).
+The database comes from ``DATABASE_URL`` (read with django-environ), and
+importing these settings starts nothing: the test suite (its plugin
+``tests/database_server.py``), the demo and ``bench/`` start the embedded
+PostgreSQL server of ``testproject/pgserver.py`` when ``DATABASE_URL`` is not
+set, and set it.  For ``manage.py`` by hand::
+
+    export DATABASE_URL=$(python -m testproject.pgserver url --database testproject)
+
 Pool options can be tuned from the environment for the demo and bench/.
 """
 
@@ -13,7 +19,6 @@ from urllib.parse import urlencode
 import environ
 
 import django_pooled_backend.environ as environ_scheme  # registers postgres+pool://
-from testproject import pgserver
 
 BASE_DIR = Path(__file__).resolve().parent
 env = environ.Env()
@@ -68,7 +73,8 @@ _pool = {
     # transaction-scoped release.
     "release": env.str("POOL_RELEASE", default="request"),
 }
-_url = pgserver.database_url("testproject")
+# Without DATABASE_URL, a host that cannot resolve and says why.
+_url = env.str("DATABASE_URL", default="postgres://DATABASE_URL-is-not-set.invalid/testproject")
 # TESTPROJECT_ENGINE lets bench/ run the same project on Django's stock
 # backend, with TESTPROJECT_DJANGO_POOL=1 on its own pool.
 _engine = env.str("TESTPROJECT_ENGINE", default="django_pooled_backend")

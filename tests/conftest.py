@@ -1,7 +1,8 @@
 """Shared fixtures: everything runs against the real PostgreSQL server.
 
-``testproject.settings`` starts the embedded server when ``DATABASE_URL`` is
-not set (and stops it when the test process exits).
+Without ``DATABASE_URL``, the plugin ``tests/database_server.py`` starts the
+embedded server before the settings are read (and stops it when the test
+process exits).
 
 The whole suite runs in either release mode: ``POOL_RELEASE=transaction``
 gives the default alias (``testproject.settings``) and every pool made here
@@ -23,6 +24,7 @@ from django.db import OperationalError, connection
 
 from django_pooled_backend import registry
 from django_pooled_backend.base import DatabaseWrapper
+from testproject.launch import wait_for
 
 RELEASE = os.environ.get("POOL_RELEASE", "request")
 TRANSACTION_MODE = RELEASE == "transaction"
@@ -67,6 +69,16 @@ def admin() -> Iterator[psycopg.Connection[Any]]:
     """A plain psycopg connection outside any pool, to look from the server's side."""
     with psycopg.connect(admin_dsn(), autocommit=True) as conn:
         yield conn
+
+
+def wait_gone(admin: psycopg.Connection[Any], pid: int) -> None:
+    """Until backend ``pid`` has left ``pg_stat_activity`` (killed or closed)."""
+    wait_for(
+        lambda: (
+            not admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
+        ),
+        what=f"backend {pid} to exit",
+    )
 
 
 def server_pids(admin: psycopg.Connection[Any], application_name: str) -> set[int]:

@@ -12,12 +12,10 @@ import contextlib
 import http.client
 import json
 import os
-import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -29,17 +27,12 @@ from django.test import override_settings
 from psycopg import sql
 
 from django_pooled_backend import stats
+from testproject import launch
+from testproject.launch import wait_for
 
 from .conftest import admin_dsn
 
-ROOT = Path(__file__).resolve().parent.parent
 Completed = subprocess.CompletedProcess[str]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def database_url(name: str) -> str:
@@ -57,18 +50,6 @@ def get(port: int, path: str, timeout: float = 60) -> Any:
         return json.loads(body)
     finally:
         conn.close()
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
-    """Poll ``condition`` until it returns something true (not a timed assertion)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what or condition}")
-        time.sleep(0.05)
 
 
 def children(pid: int) -> set[int]:
@@ -109,14 +90,7 @@ class Server:
 
     def manage(self, *args: str) -> Completed:
         """``manage.py`` in a process of its own, with this server's settings."""
-        return subprocess.run(
-            [sys.executable, "manage.py", *args],
-            cwd=ROOT,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return launch.manage(*args, env=self.env, timeout=120)
 
     def poolstats(self, *args: str) -> Completed:
         """``manage.py poolstats`` in a process of its own."""
@@ -205,42 +179,15 @@ def serve(
     password = psycopg.conninfo.conninfo_to_dict(
         psycopg.conninfo.make_conninfo(url.replace("postgres://", "postgresql://", 1))
     )["password"]
-    port = free_port()
-    master: subprocess.Popen[bytes] | None = None
     try:
         if migrate:
-            done = subprocess.run(
-                [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"],
-                cwd=ROOT,
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-            )
+            done = launch.manage("migrate", "--noinput", "-v", "0", env=env)
             assert done.returncode == 0, done.stderr
-        if asgi:
-            command = [
-                *("-m", "uvicorn", "testproject.asgi:application"),
-                *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
-            ]
-        else:
-            command = [
-                *("-m", "gunicorn", "testproject.wsgi"),
-                *("--workers", str(workers), "--threads", str(threads)),
-                *("--bind", f"127.0.0.1:{port}", "--graceful-timeout", "5"),
-                *("--log-level", "warning", *gunicorn_args),
-            ]
-        master = subprocess.Popen([sys.executable, *command], cwd=ROOT, env=env)
-        wait_for(lambda: answers(port), timeout=60, what=command[1])
-        yield Server(port, master, directory, env, str(password))
+        with launch.site(
+            env, workers=workers, threads=threads, args=gunicorn_args, asgi=asgi
+        ) as site:
+            yield Server(site.port, site.process, directory, env, str(password))
     finally:
-        if master is not None:
-            master.terminate()
-            try:
-                master.wait(30)
-            except subprocess.TimeoutExpired:
-                master.kill()
-                master.wait(10)
         _drop(db)
 
 

@@ -28,9 +28,10 @@ from typing import Any
 import pytest
 
 from django_pooled_backend import stats
+from testproject.launch import ROOT, wait_for
 
 from .conftest import only_request_mode
-from .live import ROOT, Load, Server, in_parallel, join, serve, wait_for, warm_both_workers
+from .live import Load, Server, in_parallel, join, serve, warm_both_workers
 from .test_stats import SAMPLE_POOL
 
 DB = "dpb_admin_pools"

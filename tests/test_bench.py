@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -20,6 +20,7 @@ import pytest
 from psycopg import sql
 
 from testproject import pgbouncer as bouncer
+from testproject.launch import wait_for
 
 from .conftest import admin_dsn, require_pgbouncer
 
@@ -42,29 +43,29 @@ def url_of(db: str) -> str:
     return os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + db
 
 
-def run_with_own_database(
-    db: str, script: str, *args: str, create: bool = False
-) -> subprocess.CompletedProcess[str]:
-    """Run ``script`` with ``DATABASE_URL`` on database ``db`` of the test server, then drop ``db``.
-
-    ``create``: create ``db`` first (``bench/run.py`` and ``profile_borrow.py``
-    create theirs; ``release_modes.py`` migrates the one it is given).
-    """
-    if create:
-        drop_database(db)
-        with psycopg.connect(admin_dsn(), autocommit=True) as admin:
-            admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
+@contextlib.contextmanager
+def own_database(db: str) -> Iterator[str]:
+    """Database ``db`` created anew on the test server, dropped after; yields its URL."""
+    drop_database(db)
+    with psycopg.connect(admin_dsn(), autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(db)))
     try:
+        yield url_of(db)
+    finally:
+        drop_database(db)
+
+
+def run_with_own_database(db: str, script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` with ``DATABASE_URL`` on database ``db`` of its own (dropped after)."""
+    with own_database(db) as url:
         return subprocess.run(
             [sys.executable, script, *args],
             cwd=ROOT,
-            env={**os.environ, "DATABASE_URL": url_of(db)},
+            env={**os.environ, "DATABASE_URL": url},
             capture_output=True,
             text=True,
             timeout=300,
         )
-    finally:
-        drop_database(db)
 
 
 def test_quick_run_writes_every_cell_without_errors(tmp_path: Path) -> None:
@@ -191,7 +192,6 @@ def test_release_modes_runs_every_cell_and_reports_the_waits() -> None:
         "50",
         "--paired-rounds",
         "2",
-        create=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
@@ -243,7 +243,11 @@ def test_profile_borrow_times_and_profiles_the_borrow_path() -> None:
 
 def test_a_run_killed_with_sigterm_stops_the_pgbouncer_it_started() -> None:
     require_pgbouncer()
-    db = "dpb_bench_killed"
+    with own_database("dpb_bench_killed") as url:
+        killed_run_stops_its_pgbouncer(url)
+
+
+def killed_run_stops_its_pgbouncer(url: str) -> None:
     before = set(bouncer.WORK_DIR.glob("pgbouncer-*"))
     # Long enough to be killed in the middle (it never gets to write a report).
     args = ["--strategies", "pgbouncer-persistent", "--workloads", "a", "--threads", "1"]
@@ -251,21 +255,19 @@ def test_a_run_killed_with_sigterm_stops_the_pgbouncer_it_started() -> None:
     run = subprocess.Popen(
         [sys.executable, "bench/run.py", *args],
         cwd=ROOT,
-        env={**os.environ, "DATABASE_URL": url_of(db)},
+        env={**os.environ, "DATABASE_URL": url},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        pidfiles: list[Path] = []
-        while not pidfiles:
+
+        def started() -> list[Path]:
             assert run.poll() is None, run.communicate()[0]
-            assert time.monotonic() < deadline, "PgBouncer did not start within 60 s"
-            time.sleep(0.1)
             new = set(bouncer.WORK_DIR.glob("pgbouncer-*")) - before
-            pidfiles = [d / "pgbouncer.pid" for d in new if (d / "pgbouncer.pid").exists()]
-        (pidfile,) = pidfiles
+            return [d / "pgbouncer.pid" for d in new if (d / "pgbouncer.pid").exists()]
+
+        (pidfile,) = wait_for(started, timeout=60, what="PgBouncer to start")
         pid = int(pidfile.read_text())
         os.kill(pid, 0)  # running
 
@@ -283,7 +285,6 @@ def test_a_run_killed_with_sigterm_stops_the_pgbouncer_it_started() -> None:
         for left in set(bouncer.WORK_DIR.glob("pgbouncer-*")) - before:
             with contextlib.suppress(OSError, ValueError):
                 os.kill(int((left / "pgbouncer.pid").read_text()), signal.SIGTERM)
-        drop_database(db)
 
 
 def test_reset_cost_measures_every_mode_and_the_judge() -> None:
@@ -298,7 +299,6 @@ def test_reset_cost_measures_every_mode_and_the_judge() -> None:
         "1,2",
         "--items",
         "50",
-        create=True,
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out

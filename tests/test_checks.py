@@ -18,7 +18,7 @@ from django.test import override_settings
 
 from django_pooled_backend import checks
 from django_pooled_backend.options import parse_pool_options
-from testproject.demo import free_port
+from testproject.launch import free_port
 
 from .conftest import Wrappers
 

@@ -23,10 +23,10 @@ from django_pooled_backend import registry
 from django_pooled_backend.checks import server_capacity_messages
 from django_pooled_backend.errors import ConnectionFailed
 from django_pooled_backend.pool import DjangoConnectionPool
+from testproject.launch import free_port, wait_for
 
 from .conftest import Wrappers
-from .live import free_port
-from .test_liveness import backend_pid, wait_until
+from .test_liveness import backend_pid
 
 # Long enough that a borrow waiting for it would be plainly the slow path.
 OPTIONS = {"min_size": 1, "max_size": 2, "timeout": 30}
@@ -112,7 +112,7 @@ def test_the_pool_connects_as_soon_as_the_database_appears(
                 return False
 
         # Within the back-off (at most 10 seconds between two attempts).
-        assert wait_until(borrows, timeout=30)
+        wait_for(borrows, timeout=30)
         wrapper.close()
     finally:
         registry.close_alias("appears")

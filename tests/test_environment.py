@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from .test_liveness import wait_until
+from .conftest import wait_gone
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -84,9 +84,4 @@ def test_process_exit_closes_the_pool_cleanly(admin: psycopg.Connection[Any]) ->
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     backend, _pid = map(int, result.stdout.split())
-
-    def gone() -> bool:
-        row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [backend])
-        return row.fetchone() == (0,)
-
-    assert wait_until(gone)
+    wait_gone(admin, backend)

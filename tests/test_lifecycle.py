@@ -24,10 +24,11 @@ from django.db import OperationalError, connection, connections
 from django.db.backends.postgresql.base import DatabaseWrapper as DjangoWrapper
 
 from django_pooled_backend import registry
+from testproject.launch import wait_for
 
 from . import live
 from .conftest import Wrappers
-from .test_liveness import backend_pid, wait_until
+from .test_liveness import backend_pid
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -228,7 +229,7 @@ def test_housekeeping_reclaims_without_waiting_for_a_borrow(
     thread.start()
     thread.join(10)
     (pool,) = registry.pools_for_alias("housekept")
-    assert wait_until(lambda: pool.state()["lent"] == 0, timeout=10)
+    wait_for(lambda: pool.state()["lent"] == 0, timeout=10)
 
 
 def test_sync_to_async_worker_thread_connection_is_reclaimed(
@@ -252,7 +253,7 @@ def test_sync_to_async_worker_thread_connection_is_reclaimed(
     asyncio.run(main())
     # The executor's thread held a connection and never closed it.
     gc.collect()
-    assert wait_until(lambda: pool.state()["lent"] == lent_before, timeout=10)
+    wait_for(lambda: pool.state()["lent"] == lent_before, timeout=10)
     assert any("Reclaimed a connection of pool" in r.getMessage() for r in caplog.records)
 
 
@@ -266,7 +267,7 @@ def test_leak_detection_warns_with_the_borrowing_stack_then_notes_the_return(
         wrapper.ensure_connection()
 
     slow_view_that_holds_a_connection()
-    assert wait_until(
+    wait_for(
         lambda: any("Possible connection leak" in r.getMessage() for r in caplog.records),
         timeout=10,
     )

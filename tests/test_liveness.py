@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +22,9 @@ from django_pooled_backend.base import DatabaseWrapper
 from django_pooled_backend.errors import ConnectionFailed
 from django_pooled_backend.pool import RETRY_BACKOFF
 from testproject import pgserver
+from testproject.launch import wait_for
 
-from .conftest import Wrappers, pooled, server_pids
+from .conftest import Wrappers, pooled, server_pids, wait_gone
 
 
 def backend_pid(wrapper: Any) -> int:
@@ -33,23 +34,9 @@ def backend_pid(wrapper: Any) -> int:
     return int(pid)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
 def terminate(admin: psycopg.Connection[Any], pid: int) -> None:
     admin.execute("SELECT pg_terminate_backend(%s)", [pid])
-    assert wait_until(
-        lambda: (
-            admin.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
-            == (0,)
-        )
-    )
+    wait_gone(admin, pid)
 
 
 def saw_goodbye(conn: psycopg.Connection[Any]) -> bool:
@@ -92,7 +79,7 @@ def test_connection_killed_while_idle_is_never_lent(
     killable.close()
     terminate(admin, pid)
     idle = killable.pool.idle_connections()
-    assert wait_until(lambda: all(saw_goodbye(conn) for conn in idle))
+    wait_for(lambda: all(saw_goodbye(conn) for conn in idle))
     # The next request succeeds, on a new server connection.
     new_pid = backend_pid(killable)
     killable.close()
@@ -109,7 +96,7 @@ def test_killed_idle_connection_is_discarded_with_the_servers_goodbye(
     wrapper.close()
     terminate(admin, pid)
     (pool,) = registry.pools_for_alias("goodbye")
-    assert wait_until(lambda: all(saw_goodbye(conn) for conn in pool.idle_connections()))
+    wait_for(lambda: all(saw_goodbye(conn) for conn in pool.idle_connections()))
     reasons: list[str] = []
 
     def discarded(sender: Any, reason: str, **kwargs: Any) -> None:
@@ -286,7 +273,7 @@ def test_server_restart_under_load_loses_no_acknowledged_write(
             stored = {str(r[0]) for r in conn.execute("SELECT id FROM acked").fetchall()}
         assert set(acked) <= stored
         (pool,) = registry.pools_for_alias("restarting")
-        assert wait_until(lambda: pool.state()["size"] >= 2)
+        wait_for(lambda: pool.state()["size"] >= 2)
         assert pool.state()["lent"] == 0
     finally:
         registry.close_alias("restarting")
@@ -323,7 +310,7 @@ def test_expired_connection_is_replaced_when_it_comes_back(
     wrapper.close()
     assert second != first
     app = make_wrapper.application_name("expiring")
-    assert wait_until(lambda: first not in server_pids(admin, app))
+    wait_for(lambda: first not in server_pids(admin, app))
 
 
 def test_idle_connections_above_min_size_are_closed_after_max_idle(
@@ -345,4 +332,4 @@ def test_idle_connections_above_min_size_are_closed_after_max_idle(
     for t in threads:
         t.join(20)
     assert len(server_pids(admin, app)) == 4
-    assert wait_until(lambda: len(server_pids(admin, app)) == 1, timeout=20)
+    wait_for(lambda: len(server_pids(admin, app)) == 1, timeout=20)

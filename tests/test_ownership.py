@@ -27,10 +27,11 @@ from django.test import AsyncClient
 
 from django_pooled_backend import registry
 from django_pooled_backend.pool import DjangoConnectionPool
+from testproject.launch import wait_for
 
 from . import live
 from .conftest import Wrappers, pooled
-from .test_liveness import backend_pid, wait_until
+from .test_liveness import backend_pid
 
 
 def pool_of(alias: str) -> DjangoConnectionPool:
@@ -87,7 +88,7 @@ def test_a_dead_threads_connection_is_never_taken_while_a_statement_runs_on_it(
 
     thread = threading.Thread(target=worker, name="hands-over")
     thread.start()
-    assert wait_until(lambda: bool(handed), timeout=10)
+    wait_for(lambda: bool(handed), timeout=10)
     raw = handed[0]
     result: list[Any] = []
 
@@ -100,7 +101,7 @@ def test_a_dead_threads_connection_is_never_taken_while_a_statement_runs_on_it(
     runner = threading.Thread(target=query)
     runner.start()
     pid = raw.info.backend_pid
-    assert wait_until(
+    wait_for(
         lambda: (
             (
                 admin.execute("SELECT state FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone()
@@ -118,7 +119,7 @@ def test_a_dead_threads_connection_is_never_taken_while_a_statement_runs_on_it(
     assert pool.state()["lent"] == 1
     runner.join(10)
     assert result == [pid]  # answered: its socket was not closed under it
-    assert wait_until(lambda: pool.state()["lent"] == 0, timeout=10)
+    wait_for(lambda: pool.state()["lent"] == 0, timeout=10)
 
 
 def test_connect_on_an_open_object_gives_the_old_connection_back(
@@ -261,7 +262,7 @@ def test_state_lost_with_a_connection_taken_from_a_dead_borrower_is_reported_at_
     wrapper.dec_thread_sharing()
     pool = pool_of("dead_borrower")
     assert pool.reclaim_orphans() == 1
-    assert wait_until(lambda: not alive(admin, pids[0]), timeout=5)  # closed, lock and all
+    wait_for(lambda: not alive(admin, pids[0]), timeout=5)  # closed, lock and all
     with pytest.raises(OperationalError) as excinfo:
         backend_pid(wrapper)
     message = str(excinfo.value)
@@ -345,10 +346,8 @@ def test_async_views_at_six_times_max_size_all_succeed_and_the_pool_returns_to_i
             )
             # The loop keeps running (as a server's does): the executor
             # threads keep their connection objects, never closed.
-            deadline = time.monotonic() + 5
             pool = pool_of(async_alias)
-            while pool.state()["lent"] and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            await asyncio.to_thread(wait_for, lambda: pool.state()["lent"] == 0, 5, "lent 0")
             return [r.status_code for r in responses], pool.state()["lent"] == 0
 
         statuses, idle = asyncio.run(main())
@@ -374,7 +373,5 @@ def test_under_uvicorn_async_views_at_six_times_max_size_all_succeed_and_the_poo
             assert results == [{"count": 0}] * requests
             # The server keeps running, its executor threads with it: the
             # pool still comes back to no lent connection.
-            live.wait_for(
-                lambda: server.live() and server.total("lent") == 0, timeout=10, what="idle"
-            )
+            wait_for(lambda: server.live() and server.total("lent") == 0, timeout=10, what="idle")
         assert server.master.poll() is None

@@ -20,6 +20,7 @@ import pytest
 
 from django_pooled_backend import pool as pool_module
 from django_pooled_backend import registry
+from testproject.launch import wait_for
 
 from .conftest import Wrappers, only_request_mode, server_pids, timeout_while_held
 from .test_pooling import request_cycle
@@ -79,10 +80,7 @@ def test_a_waiting_borrower_gets_the_connection_at_once(make_wrapper: Wrappers) 
 
     thread = threading.Thread(target=wait_for_it)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not pool.state()["waiting"] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert pool.state()["waiting"] == 1
+    wait_for(lambda: pool.state()["waiting"] == 1, what="a waiting borrower")
     pid = holder.connection.info.backend_pid
     holder.close()
     # Handed to the waiter, not parked for the holder.
@@ -100,10 +98,7 @@ def test_the_housekeeping_puts_a_long_parked_connection_back_in_the_queue(
     pool = wrapper.pool
     assert pool is not None
     assert len(pool.parked) == 1
-    deadline = time.monotonic() + 10
-    while pool.parked and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not pool.parked
+    wait_for(lambda: not pool.parked, what="the parked connection to go back")
     assert len(pool.idle_connections()) == pool.state()["idle"] >= 1
     # The next request borrows from the queue as usual.
     request_cycle(wrapper)
@@ -129,10 +124,8 @@ def test_a_parked_connection_the_server_closed_is_replaced(
     wrapper = make_wrapper("killed", {"min_size": 1, "max_size": 1})
     pid = request_cycle(wrapper)
     admin.execute("SELECT pg_terminate_backend(%s)", [pid])
-    deadline = time.monotonic() + 10
-    while pid in server_pids(admin, make_wrapper.application_name("killed")):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    app = make_wrapper.application_name("killed")
+    wait_for(lambda: pid not in server_pids(admin, app), what=f"backend {pid} to exit")
     # The borrow-time check sees the server's goodbye on the parked connection.
     new_pid = request_cycle(wrapper)
     assert new_pid != pid

@@ -14,6 +14,7 @@ from django.core.signals import request_finished, request_started
 from django.db import OperationalError, connection, connections
 
 from django_pooled_backend import registry
+from testproject.launch import wait_for
 
 from .conftest import Wrappers, only_request_mode, server_pids, timeout_while_held
 
@@ -162,9 +163,7 @@ def test_max_waiting_turns_excess_waiters_away_at_once(make_wrapper: Wrappers) -
     threads[1].start()
     assert waiter_started.wait(10)
     (pool,) = registry.pools_for_alias("waiting")
-    deadline = time.monotonic() + 5
-    while pool.state()["waiting"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: pool.state()["waiting"] >= 1, what="a waiting borrower")
     wrapper = make_wrapper("waiting", options)
     started = time.monotonic()
     with pytest.raises(OperationalError) as excinfo:
@@ -241,10 +240,7 @@ def test_pool_false_uses_plain_connections(
     assert registry.pools_for_alias("unpooled") == []
     # Closed for real: the server process goes away (a moment after close()).
     app = make_wrapper.application_name("unpooled")
-    deadline = time.monotonic() + 10
-    while pid in server_pids(admin, app) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert pid not in server_pids(admin, app)
+    wait_for(lambda: pid not in server_pids(admin, app), what=f"backend {pid} to exit")
 
 
 def test_bad_pool_option_fails_on_connect_with_improperly_configured(

@@ -20,19 +20,10 @@ from collections.abc import Iterator
 import pytest
 
 from django_pooled_backend import stats
+from testproject.launch import ROOT, wait_for
 
 from .conftest import only_request_mode
-from .live import (
-    ROOT,
-    Server,
-    answers,
-    children,
-    in_parallel,
-    join,
-    serve,
-    wait_for,
-    warm_both_workers,
-)
+from .live import Server, answers, children, in_parallel, join, serve, warm_both_workers
 
 DB = "dpb_poolstats"
 MAX_SIZE = 2

@@ -5,9 +5,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +15,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from django_pooled_backend import prometheus
-from testproject.demo import free_port
+from testproject import launch
+from testproject.launch import wait_for
 
 from .conftest import Wrappers
 from .test_pooling import request_cycle
@@ -123,7 +121,6 @@ def test_metrics_are_summed_over_gunicorn_worker_processes(
         "def child_exit(server, worker):\n"
         "    multiprocess.mark_process_dead(worker.pid)\n"
     )
-    port = free_port()
     env = {
         **os.environ,
         "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
@@ -135,48 +132,18 @@ def test_metrics_are_summed_over_gunicorn_worker_processes(
         "POOL_MIN_SIZE": "1",
         "POOL_MAX_SIZE": "3",
     }
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "testproject.wsgi",
-            "--config",
-            str(config),
-            "--workers",
-            "2",
-            "--threads",
-            "2",
-            "--bind",
-            f"127.0.0.1:{port}",
-            "--log-level",
-            "warning",
-        ],
-        cwd=ROOT,
-        env=env,
-    )
+    with launch.site(env, workers=2, threads=2, args=["--config", str(config)]) as site:
 
-    def get(path: str) -> str:
-        client = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        try:
-            client.request("GET", path)
-            response = client.getresponse()
-            body = response.read().decode()
-            assert response.status == 200, f"GET {path}: {response.status}\n{body[:2000]}"
-            return body
-        finally:
-            client.close()
-
-    try:
-        deadline = time.monotonic() + 60
-        while True:
+        def get(path: str) -> str:
+            client = http.client.HTTPConnection("127.0.0.1", site.port, timeout=30)
             try:
-                get("/whoami/")
-                break
-            except OSError:
-                assert server.poll() is None, "gunicorn exited"
-                assert time.monotonic() < deadline, "gunicorn did not answer"
-                time.sleep(0.1)
+                client.request("GET", path)
+                response = client.getresponse()
+                body = response.read().decode()
+                assert response.status == 200, f"GET {path}: {response.status}\n{body[:2000]}"
+                return body
+            finally:
+                client.close()
 
         # Until both workers have served a request (each then has a pool).
         workers: set[int] = set()
@@ -185,25 +152,20 @@ def test_metrics_are_summed_over_gunicorn_worker_processes(
             workers.add(json.loads(get("/whoami/"))["worker_pid"])
             requests += 1
         assert len(workers) == 2
+
         # Until both workers have published what they did (every 0.1 s):
         # then the numbers are the sums over both processes.
-        deadline = time.monotonic() + 30
-        while True:
+        def published() -> dict[tuple[str, str], float] | None:
             values = samples(get("/metrics/"))
-            published = (
+            done = (
                 values.get((P + "pool_min_size", "default")) == 2
                 and values.get((P + "requests_total", "default"), 0) >= requests
             )
-            if published or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        assert values[(P + "pool_min_size", "default")] == 2
+            return values if done else None
+
+        values = wait_for(published, what="metrics of both workers")
         assert values[(P + "pool_max_size", "default")] == 6
         assert values[(P + "pool_size", "default")] >= 2
-        assert values[(P + "requests_total", "default")] >= requests
-    finally:
-        server.terminate()
-        server.wait(30)
 
 
 def test_a_metrics_file_still_being_created_does_not_fail_the_scrape(tmp_path: Path) -> None:

@@ -32,11 +32,12 @@ from django.test.utils import CaptureQueriesContext
 from django_pooled_backend import registry
 from django_pooled_backend.base import DatabaseWrapper
 from django_pooled_backend.pool import DjangoConnectionPool
+from testproject.launch import wait_for
 from testproject.shop.models import Item, Order
 
 from .conftest import admin_dsn, server_pids
 from .test_lifecycle import fork_and_report
-from .test_liveness import backend_pid, wait_until
+from .test_liveness import backend_pid
 
 Aliases = Callable[..., str]
 
@@ -128,7 +129,7 @@ def test_the_connection_goes_back_after_each_statement_and_a_changed_session_is_
     assert wrapper.connection is None
     assert pool_of(alias).state()["pinned"] == 0
     # ...then the server ran the pipelined reset when the connection came back.
-    assert wait_until(
+    wait_for(
         lambda: (
             admin.execute(
                 "SELECT state, query FROM pg_stat_activity WHERE pid = %s", [first]
@@ -357,7 +358,7 @@ def test_atomic_keeps_the_connection_and_other_threads_wait_until_commit(
         first = pid(alias)
         thread, outcome = in_thread(count)
         # The other thread waits for the one connection, held by this block.
-        assert wait_until(lambda: pool_of(alias).state()["waiting"] == 1)
+        wait_for(lambda: pool_of(alias).state()["waiting"] == 1)
         Item.objects.using(alias).create(name="atomic")
         assert pid(alias) == first
     thread.join(10)

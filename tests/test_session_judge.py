@@ -17,10 +17,10 @@ from django.db import connection
 
 from django_pooled_backend.reset import build_reset_query, finish_reset, send_reset
 from django_pooled_backend.session import StatementJudge
+from testproject.launch import wait_for
 
 from . import judge_corpus
 from .conftest import TRANSACTION_MODE, Wrappers, admin_dsn
-from .test_liveness import wait_until
 
 
 def setup_objects() -> None:
@@ -141,7 +141,7 @@ def test_a_clean_borrow_sends_no_reset_and_a_dirty_one_does(
         cursor.execute("SET statement_timeout = 1234")
     wrapper.close()
     # The reset was sent when the connection came back.
-    assert wait_until(lambda: last_query(admin, pid).startswith(("DISCARD ALL", "CLOSE ALL")))
+    wait_for(lambda: last_query(admin, pid).startswith(("DISCARD ALL", "CLOSE ALL")))
 
 
 def test_a_function_of_your_own_that_sets_session_state_triggers_the_reset(
@@ -172,7 +172,7 @@ def test_reset_always_resets_even_a_clean_borrow(
         cursor.execute("SELECT pg_backend_pid()")
         (pid,) = cursor.fetchone()
     wrapper.close()
-    assert wait_until(lambda: last_query(admin, pid).startswith(("DISCARD ALL", "CLOSE ALL")))
+    wait_for(lambda: last_query(admin, pid).startswith(("DISCARD ALL", "CLOSE ALL")))
 
 
 def test_a_cursor_class_of_your_own_means_every_borrow_is_reset(

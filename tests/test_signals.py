@@ -15,8 +15,9 @@ from django.dispatch import Signal
 
 from django_pooled_backend import registry, signals
 from django_pooled_backend.pool import DjangoConnectionPool
+from testproject.launch import wait_for
 
-from .conftest import Wrappers, only_request_mode, server_pids
+from .conftest import Wrappers, only_request_mode, server_pids, wait_gone
 from .test_pooling import request_cycle
 
 ALL = {
@@ -46,10 +47,8 @@ class Received:
             return [kwargs for n, kwargs in self.events if n == name]
 
     def wait_for(self, name: str, count: int = 1) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + 10
-        while len(self.of(name)) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.of(name)
+        """The events ``name`` once there are ``count`` of them."""
+        return wait_for(lambda: len(self.of(name)) >= count and self.of(name), what=name)
 
 
 @pytest.fixture
@@ -71,15 +70,6 @@ def received() -> Iterator[Received]:
     finally:
         for signal, handler in handlers:
             signal.disconnect(handler)
-
-
-def wait_gone(admin: psycopg.Connection[Any], pid: int) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if not admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"backend {pid} did not exit")
 
 
 def test_opened_borrowed_returned_and_reset_follow_a_request_cycle(

@@ -28,8 +28,9 @@ from django.db import OperationalError, connection
 from django.test import override_settings
 
 from django_pooled_backend import poolstats, registry, stats, tracking
+from testproject.launch import wait_for
 
-from .conftest import Wrappers, admin_dsn, only_request_mode
+from .conftest import Wrappers, admin_dsn, only_request_mode, wait_gone
 from .test_pooling import request_cycle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -140,14 +141,14 @@ def test_oldest_holder_blocked_in_a_library_names_the_application_frame_beside_i
     thread = threading.Thread(target=wait_for_the_lock, name="lock-waiter")
     thread.start()
     try:
-        deadline = time.monotonic() + 30
-        while not admin.execute(
-            "SELECT 1 FROM pg_stat_activity"
-            " WHERE application_name = %s AND wait_event_type = 'Lock'",
-            [app],
-        ).fetchone():
-            assert time.monotonic() < deadline, "the thread never waited for the lock"
-            time.sleep(0.01)
+        wait_for(
+            lambda: admin.execute(
+                "SELECT 1 FROM pg_stat_activity"
+                " WHERE application_name = %s AND wait_event_type = 'Lock'",
+                [app],
+            ).fetchone(),
+            what="the thread to wait for the lock",
+        )
         pool = pool_of("blocked")
         (located,) = pool.holders.values()
         borrowed = located.where_text()
@@ -209,12 +210,12 @@ def test_a_thread_with_no_application_frame_is_shown_in_its_library_frame(
     thread.start()
     try:
         pid = other.info.backend_pid
-        deadline = time.monotonic() + 30
-        while not admin.execute(
-            "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'", [pid]
-        ).fetchone():
-            assert time.monotonic() < deadline, "the thread never waited for the lock"
-            time.sleep(0.01)
+        wait_for(
+            lambda: admin.execute(
+                "SELECT 1 FROM pg_stat_activity WHERE pid = %s AND wait_event_type = 'Lock'", [pid]
+            ).fetchone(),
+            what="the thread to wait for the lock",
+        )
         holder = tracking.Holder(other, thread, time.monotonic(), None, None, located=False)
         where = holder.where_text()
     finally:
@@ -284,9 +285,7 @@ def test_waiters_are_counted_with_how_long_they_have_waited(make_wrapper: Wrappe
     threads[1].start()
     try:
         pool = pool_of("queue")
-        deadline = time.monotonic() + 10
-        while pool.state()["waiting"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: pool.state()["waiting"] >= 1, what="a waiting borrower")
         first = stats.snapshot_pool(pool)
         time.sleep(0.2)
         second = stats.snapshot_pool(pool)
@@ -324,9 +323,7 @@ def test_rejected_borrows_are_counted(make_wrapper: Wrappers) -> None:
     try:
         assert waiting.wait(10)
         pool = pool_of("rejecting")
-        deadline = time.monotonic() + 5
-        while pool.state()["waiting"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for(lambda: pool.state()["waiting"] >= 1, what="a waiting borrower")
         with pytest.raises(OperationalError):
             make_wrapper("rejecting", options).ensure_connection()
     finally:
@@ -347,10 +344,7 @@ def test_terminated_connections_count_as_lost_and_their_reset_as_failed(
         (pid, _) = cursor.fetchone()
     # Killed while lent: the reset sent on return cannot succeed.
     admin.execute("SELECT pg_terminate_backend(%s)", [pid])
-    deadline = time.monotonic() + 5
-    while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", [pid]).fetchone():
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_gone(admin, pid)
     wrapper.close()
     request_cycle(wrapper)  # gets a new connection
     snap = stats.snapshot_pool(pool_of("killed"))
@@ -390,10 +384,7 @@ def test_publisher_writes_this_process_pools_and_removes_them_when_stopped(
     publisher = stats.Publisher(tmp_path / "stats", 0.05)
     publisher.start()
     path = tmp_path / "stats" / f"{stats.HOSTNAME}.{os.getpid()}.json"
-    deadline = time.monotonic() + 10
-    while not path.exists():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_for(path.exists, what=str(path))
     (published,) = stats.read_snapshots(tmp_path / "stats")
     snap = published.snapshot
     assert (snap["pid"], snap["host"], snap["schema"]) == (os.getpid(), stats.HOSTNAME, 1)
