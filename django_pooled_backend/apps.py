@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 from django.apps import AppConfig
 
 
@@ -14,10 +11,3 @@ class PooledBackendConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks  # noqa: F401 - registers the system checks
-
-        if os.environ.get("PROMETHEUS_MULTIPROC_DIR") and importlib.util.find_spec(
-            "prometheus_client"
-        ):
-            # prometheus_client's multiprocess mode: every process publishes
-            # its pools from its first connection on (docs/metrics.rst).
-            from . import prometheus  # noqa: F401

@@ -1,8 +1,9 @@
 """What ``manage.py poolstats`` shows: published snapshots, totals, problems, renderings.
 
 Reading is :func:`django_pooled_backend.stats.read_snapshots`; this module
-filters, adds up and renders (text, JSON, Prometheus), and decides what
-``--check`` calls a problem.  The server's own view is in
+filters, adds up and renders (text, JSON; Prometheus is
+:mod:`django_pooled_backend.prometheus`), and decides what ``--check`` calls
+a problem.  The server's own view is in
 :mod:`django_pooled_backend.serverview`.
 """
 
@@ -19,6 +20,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from .stats import (
     HOSTNAME,
+    METRICS,
     SCHEMA,
     WAIT_WINDOW,
     PoolSnapshot,
@@ -31,23 +33,9 @@ from .stats import (
 DEFAULT_MAX_WAIT = 5.0
 """``--check`` fails when a request has waited longer than this (seconds)."""
 
-# Counters that add up across processes, in the order they are shown.
-COUNTERS = (
-    "requests",
-    "requests_served",
-    "requests_waited",
-    "timeouts",
-    "rejected",
-    "connection_errors",
-    "connections_opened",
-    "connections_closed",
-    "connections_lost",
-    "resets",
-    "resets_failed",
-    "leaks",
-    "reclaims",
-)
-GAUGES = ("min_size", "max_size", "size", "idle", "lent", "pinned", "waiting")
+# Figures that add up across processes, in the order they are shown.
+GAUGES = tuple(m.key for m in METRICS if m.kind == "gauge")
+COUNTERS = tuple(m.key for m in METRICS if m.kind == "counter")
 
 
 class TotalWait(TypedDict):
@@ -62,7 +50,7 @@ class TotalWait(TypedDict):
 class Report:
     """The published snapshots of one project, as seen now."""
 
-    directory: Path
+    directory: Path | None  # None: this process alone, not read from a directory
     alias: str | None
     time: float
     live: list[Published] = field(default_factory=list)
@@ -231,7 +219,7 @@ def as_json(report: Report, max_wait: float = DEFAULT_MAX_WAIT) -> dict[str, Any
         "version": SCHEMA,
         "time": round(report.time, 3),
         "host": HOSTNAME,
-        "directory": str(report.directory),
+        "directory": str(report.directory) if report.directory else None,
         "database": report.alias,
         "wait_window": WAIT_WINDOW,
         "processes": processes,
@@ -242,126 +230,6 @@ def as_json(report: Report, max_wait: float = DEFAULT_MAX_WAIT) -> dict[str, Any
 
 def render_json(report: Report, max_wait: float = DEFAULT_MAX_WAIT) -> str:
     return json.dumps(as_json(report, max_wait), indent=2) + "\n"
-
-
-# -- Prometheus ------------------------------------------------------------------
-
-PREFIX = "django_pooled_backend_"
-
-# (metric, snapshot key, type, help)
-_POOL_METRICS = (
-    ("pool_min_size", "min_size", "gauge", "Connections the pool keeps open (min_size)."),
-    ("pool_max_size", "max_size", "gauge", "Most connections the pool may open (max_size)."),
-    ("pool_size", "size", "gauge", "Connections open or being opened."),
-    ("connections_idle", "idle", "gauge", "Connections waiting in the pool to be lent."),
-    ("connections_lent", "lent", "gauge", "Connections lent out to requests now."),
-    (
-        "connections_pinned",
-        "pinned",
-        "gauge",
-        "Lent connections kept for their borrower's session state (release='transaction').",
-    ),
-    ("requests_waiting", "waiting", "gauge", "Requests waiting for a connection now."),
-    ("requests_total", "requests", "counter", "Connections asked for (borrows)."),
-    ("requests_served_total", "requests_served", "counter", "Borrows that got a connection."),
-    ("requests_waited_total", "requests_waited", "counter", "Borrows that had to queue."),
-    ("timeouts_total", "timeouts", "counter", "Borrows that timed out."),
-    ("rejected_total", "rejected", "counter", "Borrows refused by max_waiting."),
-    ("connection_errors_total", "connection_errors", "counter", "Failed connection attempts."),
-    ("connections_opened_total", "connections_opened", "counter", "Connections opened."),
-    ("connections_closed_total", "connections_closed", "counter", "Connections the pool closed."),
-    ("connections_lost_total", "connections_lost", "counter", "Connections found broken."),
-    ("resets_total", "resets", "counter", "Session resets started on return."),
-    ("resets_failed_total", "resets_failed", "counter", "Session resets that failed."),
-    ("leaks_total", "leaks", "counter", "Connections reported as leaked."),
-    (
-        "reclaims_total",
-        "reclaims",
-        "counter",
-        "Connections taken back from dead threads or left unused (max_idle_lent).",
-    ),
-)
-
-
-def _labels(**labels: object) -> str:
-    parts = []
-    for key, value in labels.items():
-        text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        parts.append(f'{key}="{text}"')
-    return "{" + ",".join(parts) + "}"
-
-
-def _number(value: float) -> str:
-    return repr(float(value)) if isinstance(value, float) else str(value)
-
-
-def render_prometheus(report: Report) -> str:
-    """The Prometheus text exposition format (version 0.0.4) of the live pools."""
-    lines: list[str] = []
-
-    def family(name: str, kind: str, help_text: str, samples: Sequence[tuple[str, float]]) -> None:
-        lines.append(f"# HELP {PREFIX}{name} {help_text}")
-        lines.append(f"# TYPE {PREFIX}{name} {kind}")
-        lines.extend(f"{PREFIX}{name}{labels} {_number(value)}" for labels, value in samples)
-
-    family(
-        "processes",
-        "gauge",
-        "Processes publishing pool statistics, live or stale.",
-        [(_labels(state="live"), len(report.live)), (_labels(state="stale"), len(report.stale))],
-    )
-    family(
-        "snapshot_age_seconds",
-        "gauge",
-        "Seconds since each process last published its pools.",
-        [
-            (
-                _labels(host=p.snapshot["host"], pid=p.snapshot["pid"], stale=str(p.stale).lower()),
-                round(p.age, 3),
-            )
-            for p in [*report.live, *report.stale]
-        ],
-    )
-    rows = list(report.rows())
-
-    def pool_labels(published: Published, pool: PoolSnapshot, **extra: str) -> str:
-        snap = published.snapshot
-        return _labels(host=snap["host"], pid=snap["pid"], alias=pool["alias"], **extra)
-
-    for name, key, kind, help_text in _POOL_METRICS:
-        family(
-            name,
-            kind,
-            help_text,
-            [(pool_labels(p, pool), pool.get(key, 0)) for p, pool in rows],  # type: ignore[misc]
-        )
-    family(
-        "wait_recent_seconds",
-        "gauge",
-        f"Time to get a connection over the last {WAIT_WINDOW} borrows (mean, p95, p99, max).",
-        [
-            (pool_labels(p, pool, stat=stat), round(pool["wait"][f"{stat}_ms"] / 1000, 6))  # type: ignore[literal-required]
-            for p, pool in rows
-            if pool["wait"]["window"]
-            for stat in ("mean", "p95", "p99", "max")
-        ],
-    )
-    family(
-        "oldest_holder_seconds",
-        "gauge",
-        "How long the longest current borrower has held its connection (0: none).",
-        [
-            (pool_labels(p, pool), pool["oldest_holder"]["held_s"] if pool["oldest_holder"] else 0)
-            for p, pool in rows
-        ],
-    )
-    family(
-        "oldest_waiter_seconds",
-        "gauge",
-        "How long the longest current waiter has waited, sampled (0: none).",
-        [(pool_labels(p, pool), pool["oldest_waiter_s"] or 0) for p, pool in rows],
-    )
-    return "\n".join(lines) + "\n"
 
 
 # -- text ------------------------------------------------------------------------

@@ -43,7 +43,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
@@ -109,11 +109,11 @@ class PoolCounters:
         # Seconds each recent borrow took to get its connection (queueing
         # and the borrow-time check): deque.append is atomic and O(1).
         self.waits: deque[float] = deque(maxlen=window)
-        # When the publisher first saw each waiting client: psycopg_pool
-        # does not record when a client started waiting, and recording it
-        # per borrow would cost the request path; a sample a second is
-        # precise enough for "waiting for more than N seconds".
-        self._waiters_seen: dict[Any, float] = {}
+        # When the snapshots first counted each current waiter, oldest
+        # first: the pool does not record when a borrow started waiting,
+        # and recording it per borrow would cost the request path; a sample
+        # a second is precise enough for "waiting for more than N seconds".
+        self._waiters_seen: deque[float] = deque()
 
 
 # -- snapshots ---------------------------------------------------------------
@@ -160,6 +160,63 @@ class PoolSnapshot(TypedDict):
     leaks: int
     reclaims: int
     oldest_holder: HolderSnapshot | None
+
+
+class PoolMetric(NamedTuple):
+    """A figure of :class:`PoolSnapshot`: its key, and its metric name everywhere it is exported.
+
+    ``name`` is the Prometheus name without the package prefix (and, for
+    counters, without ``_total``); ``kind`` is ``gauge`` or ``counter``.
+    """
+
+    name: str
+    key: str
+    kind: str
+    help: str
+
+
+METRICS = (  # in the order the outputs show them
+    PoolMetric("pool_min_size", "min_size", "gauge", "Connections the pool keeps open (min_size)."),
+    PoolMetric("pool_max_size", "max_size", "gauge", "Most connections the pool may open."),
+    PoolMetric("pool_size", "size", "gauge", "Connections open or being opened."),
+    PoolMetric("connections_idle", "idle", "gauge", "Connections waiting in the pool."),
+    PoolMetric("connections_lent", "lent", "gauge", "Connections lent out to requests now."),
+    PoolMetric(
+        "connections_pinned",
+        "pinned",
+        "gauge",
+        "Lent connections kept for their borrower's session state (release='transaction').",
+    ),
+    PoolMetric("requests_waiting", "waiting", "gauge", "Requests waiting for a connection now."),
+    PoolMetric("requests", "requests", "counter", "Connections asked for (borrows)."),
+    PoolMetric("requests_served", "requests_served", "counter", "Borrows that got a connection."),
+    PoolMetric("requests_waited", "requests_waited", "counter", "Borrows that had to queue."),
+    PoolMetric("timeouts", "timeouts", "counter", "Borrows that timed out."),
+    PoolMetric("rejected", "rejected", "counter", "Borrows refused by max_waiting."),
+    PoolMetric("connection_errors", "connection_errors", "counter", "Failed connection attempts."),
+    PoolMetric(
+        "connections_opened", "connections_opened", "counter", "Connections opened successfully."
+    ),
+    PoolMetric(
+        "connections_closed", "connections_closed", "counter", "Connections the pool closed."
+    ),
+    PoolMetric(
+        "connections_lost",
+        "connections_lost",
+        "counter",
+        "Connections found broken, when checked or when given back.",
+    ),
+    PoolMetric("resets", "resets", "counter", "Session resets started on return."),
+    PoolMetric("resets_failed", "resets_failed", "counter", "Session resets that failed."),
+    PoolMetric("leaks", "leaks", "counter", "Connections reported as leaked."),
+    PoolMetric(
+        "reclaims",
+        "reclaims",
+        "counter",
+        "Connections taken back from dead threads or left unused (max_idle_lent).",
+    ),
+)
+"""Every figure of a pool snapshot that is exported, with its one name and meaning."""
 
 
 class ProcessSnapshot(TypedDict):
@@ -213,13 +270,8 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
             ps = pool.get_stats()
             break
 
-    # Clients that timed out stay in psycopg_pool's queue until the next
-    # connection comes back: they are not waiting any more.
-    waiters = [w for w in _copy(pool._waiting) if w.conn is None and w.error is None]
-    seen = counters._waiters_seen
-    current = {w: seen.get(w, now) for w in waiters}
-    counters._waiters_seen = current
-    oldest_waiter = round(now - min(current.values()), 3) if current else None
+    waiting = state["waiting"]
+    oldest_waiter = _oldest_waiter(counters, waiting, now)
 
     holders = _copy(pool.holders.values())
     oldest_holder: HolderSnapshot | None = None
@@ -242,13 +294,12 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
         "max_size": state["max"],
         "size": state["size"],
         "idle": state["idle"],
-        # Not size - idle: size also counts connections being opened.
-        "lent": len(holders),
-        "pinned": pool.count_pinned(holders),
-        "waiting": len(waiters),
+        "lent": state["lent"],
+        "pinned": state["pinned"],
+        "waiting": waiting,
         "oldest_waiter_s": oldest_waiter,
         "requests": requests,
-        "requests_served": max(requests - errors - len(waiters), 0),
+        "requests_served": max(requests - errors - waiting, 0),
         "requests_waited": ps.get("requests_queued", 0),
         "wait": summarize_waits(_copy(counters.waits)),
         "timeouts": counters.timeouts,
@@ -264,6 +315,20 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
         "reclaims": counters.reclaims,
         "oldest_holder": oldest_holder,
     }
+
+
+def _oldest_waiter(counters: PoolCounters, waiting: int, now: float) -> float | None:
+    """Seconds the longest current waiter has waited, as sampled by the snapshots.
+
+    The pool says how many borrows wait, not since when: a waiter first
+    counted at one snapshot is taken to have started then, and psycopg_pool
+    serves its queue in order, so the ones that left are the oldest.
+    """
+    seen = counters._waiters_seen
+    while len(seen) > waiting:
+        seen.popleft()
+    seen.extend([now] * (waiting - len(seen)))
+    return round(now - seen[0], 3) if seen else None
 
 
 def snapshot_process(

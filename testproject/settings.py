@@ -103,9 +103,6 @@ if env.str("POOLSTATS_DIR", default=""):
     POOLED_BACKEND_STATS_DIR = env.str("POOLSTATS_DIR")
 POOLED_BACKEND_STATS_INTERVAL = env.float("POOLSTATS_INTERVAL", default=1.0)
 
-# How often each process publishes its pools in prometheus_client's
-# multiprocess mode (django_pooled_backend.prometheus).
-POOLED_BACKEND_PROMETHEUS_INTERVAL = env.float("POOLED_BACKEND_PROMETHEUS_INTERVAL", default=5.0)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True

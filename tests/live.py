@@ -39,17 +39,22 @@ def database_url(name: str) -> str:
     return os.environ["DATABASE_URL"].rsplit("/", 1)[0] + "/" + name
 
 
-def get(port: int, path: str, timeout: float = 60) -> Any:
-    """GET ``path``, which must answer 200 with JSON."""
+def fetch(port: int, path: str, timeout: float = 60) -> bytes:
+    """The body of ``GET path``, which must answer 200."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
         conn.request("GET", path)
         response = conn.getresponse()
         body = response.read()
         assert response.status == 200, body[:500]
-        return json.loads(body)
+        return body
     finally:
         conn.close()
+
+
+def get(port: int, path: str, timeout: float = 60) -> Any:
+    """GET ``path``, which must answer 200 with JSON."""
+    return json.loads(fetch(port, path, timeout))
 
 
 def children(pid: int) -> set[int]:

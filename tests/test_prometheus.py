@@ -1,184 +1,207 @@
-"""Prometheus metrics: in one process, and summed over gunicorn's worker processes."""
+"""One metrics pipeline: every output is rendered from the same pool snapshots.
+
+``poolstats`` (text, ``--json``, ``--prometheus``), the admin page's JSON and
+the Prometheus view show each figure under one name with one meaning
+(``stats.METRICS``); the publishing thread outlives a failure.
+"""
 
 from __future__ import annotations
 
-import http.client
 import json
+import logging
 import os
+import re
+import sys
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import pytest
-from django.db import connection
-from django.test import RequestFactory
-from prometheus_client import CollectorRegistry, generate_latest
+from django.core.management import CommandError, call_command
+from django.test import Client, RequestFactory
 from prometheus_client.parser import text_string_to_metric_families
 
-from django_pooled_backend import prometheus
-from testproject import launch
+from django_pooled_backend import prometheus, stats
 from testproject.launch import wait_for
 
 from .conftest import Wrappers
+from .live import fetch, serve, warm_both_workers
 from .test_pooling import request_cycle
+from .test_stats import SAMPLE_POOL, write_published
 
-ROOT = Path(__file__).resolve().parent.parent
 P = prometheus.PREFIX
+# The text view's column for each figure (all but "requests", which it does not show).
+TEXT_COLUMNS = {
+    "SIZE": "size",
+    "MIN": "min_size",
+    "MAX": "max_size",
+    "LENT": "lent",
+    "PINNED": "pinned",
+    "IDLE": "idle",
+    "WAITING": "waiting",
+    "SERVED": "requests_served",
+    "WAITED": "requests_waited",
+    "TIMEOUTS": "timeouts",
+    "REJECTED": "rejected",
+    "OPENED": "connections_opened",
+    "CLOSED": "connections_closed",
+    "LOST": "connections_lost",
+    "ERRORS": "connection_errors",
+    "RESETS": "resets",
+    "RESET FAILED": "resets_failed",
+    "LEAKS": "leaks",
+    "RECLAIMS": "reclaims",
+}
 
 
-def samples(text: str) -> dict[tuple[str, str], float]:
-    """{(sample name, alias): value} parsed with prometheus_client's own parser."""
+def metric_values(text: str, pid: int) -> dict[str, float]:
+    """{sample name: value} of the pool of ``pid``, parsed with prometheus_client's parser."""
     return {
-        (sample.name, sample.labels.get("alias", "")): sample.value
+        sample.name: sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
+        if sample.labels.get("pid") == str(pid) and "stat" not in sample.labels
     }
 
 
-def snapshot(alias: str, **values: Any) -> prometheus.PoolSnapshot:
-    base: dict[str, Any] = {"alias": alias, "name": alias, "pid": 1, "min": 1, "max": 4}
-    base.update(size=2, idle=1, lent=1, waiting=0, stats={})
-    base.update(values)
-    return prometheus.PoolSnapshot(**base)  # type: ignore[typeddict-item]
+def text_values(text: str, pid: int) -> dict[str, int]:
+    """{snapshot key: figure} from the rows of ``pid`` in the text view's three tables."""
+    found: dict[str, int] = {}
+    headers: list[str] = []
+    for line in text.splitlines():
+        cells = re.split(r" {2,}", line.strip())
+        if cells[0] == "PID":
+            headers = cells
+        elif cells[0] == str(pid):
+            row = dict(zip(headers, cells, strict=False))
+            found.update({key: int(row[h]) for h, key in TEXT_COLUMNS.items() if h in row})
+    return found
 
 
-def test_the_view_reports_this_process_pools_from_the_server(
-    make_wrapper: Wrappers, transactional_db: None
+def test_every_output_shows_each_figure_under_one_name(
+    tmp_path: Path, settings: Any, admin_client: Client
 ) -> None:
+    # Every figure different, so that two names swapped would show.
+    pool = {**SAMPLE_POOL, **{m.key: 11 + n for n, m in enumerate(stats.METRICS)}}
+    assert len({pool[m.key] for m in stats.METRICS}) == len(stats.METRICS)
+    pid = os.getppid()  # a live process that is not this one (which publishes too)
+    write_published(tmp_path, pid, pool=pool)
+    settings.POOLED_BACKEND_STATS_DIR = str(tmp_path)
+
+    document, text, exposition = StringIO(), StringIO(), StringIO()
+    call_command("poolstats", "--json", stdout=document)
+    call_command("poolstats", stdout=text)
+    call_command("poolstats", "--prometheus", stdout=exposition)
+    (process,) = json.loads(document.getvalue())["processes"]
+    admin_page = admin_client.get("/admin/pools/data.json").json()
+    (admin_process,) = admin_page["processes"]
+    view = Client().get("/metrics/")
+    assert view.status_code == 200
+    shown_as_text = text_values(text.getvalue(), pid)
+    from_command = metric_values(exposition.getvalue(), pid)
+    from_view = metric_values(view.content.decode(), pid)
+
+    assert set(shown_as_text) == {m.key for m in stats.METRICS} - {"requests"}
+    for metric in stats.METRICS:
+        name = P + metric.name + ("_total" if metric.kind == "counter" else "")
+        figure = pool[metric.key]
+        assert process["pools"][0][metric.key] == figure, metric
+        assert admin_process["pools"][0][metric.key] == figure, metric
+        assert shown_as_text.get(metric.key, figure) == figure, metric
+        assert from_command[name] == figure, metric
+        assert from_view[name] == figure, metric
+    # Nothing else carries a pool figure under a name of its own.
+    extra = {"oldest_holder_seconds", "oldest_waiter_seconds", "snapshot_age_seconds"}
+    assert {n.removeprefix(P).removesuffix("_total") for n in from_command} == {
+        m.name for m in stats.METRICS
+    } | extra
+
+
+def test_without_publication_the_view_reports_this_process_from_its_snapshot(
+    make_wrapper: Wrappers, settings: Any
+) -> None:
+    settings.POOLED_BACKEND_STATS_DIR = None
     # One connection at most: no connection is still being opened when read.
     wrapper = make_wrapper("metrics", {"min_size": 1, "max_size": 1})
     request_cycle(wrapper)
     wrapper.ensure_connection()  # lent while the view runs
     try:
         response = prometheus.metrics_view(RequestFactory().get("/metrics/"))
+        (published,) = prometheus.local_report().live
+        (pool,) = [p for p in published.snapshot["pools"] if p["alias"] == "metrics"]
     finally:
         wrapper.close()
     assert response["Content-Type"].startswith("text/plain")
-    values = samples(response.content.decode())
-    assert values[(P + "pool_lent", "metrics")] == 1
+    values = {
+        (sample.name, sample.labels["alias"]): sample.value
+        for family in text_string_to_metric_families(response.content.decode())
+        for sample in family.samples
+        if sample.labels.get("pid") == str(os.getpid()) and "alias" in sample.labels
+    }
+    assert values[(P + "connections_lent", "metrics")] == pool["lent"] == 1
+    assert values[(P + "connections_idle", "metrics")] == pool["idle"] == 0
     assert values[(P + "pool_size", "metrics")] == 1
-    assert values[(P + "pool_idle", "metrics")] == 0
-    assert values[(P + "pool_max_size", "metrics")] == 1
-    assert values[(P + "pool_min_size", "metrics")] == 1
-    assert values[(P + "requests_total", "metrics")] == 2
+    assert values[(P + "requests_total", "metrics")] == pool["requests"] == 2
     assert values[(P + "connections_opened_total", "metrics")] == 1
 
 
-def test_local_snapshots_describe_every_pool_of_the_process(
-    make_wrapper: Wrappers, transactional_db: None
+def test_the_publisher_survives_an_exception(
+    make_wrapper: Wrappers,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    wrapper = make_wrapper("metrics", {"min_size": 1, "max_size": 1})
-    request_cycle(wrapper)
-    (snap,) = [s for s in prometheus.local_snapshots() if s["alias"] == "metrics"]
-    assert snap["pid"] == os.getpid()
-    assert (snap["min"], snap["max"], snap["size"], snap["idle"]) == (1, 1, 1, 1)
-    assert (snap["lent"], snap["waiting"]) == (0, 0)
-    assert snap["stats"]["requests_num"] == 1
+    request_cycle(make_wrapper("survivor", {"min_size": 1, "max_size": 1}))
+    real = stats.snapshot_process
+    calls: list[int] = []
 
+    def fails_once(*args: Any) -> stats.ProcessSnapshot:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return real(*args)
 
-def test_the_collector_sums_pools_of_an_alias_and_scales_milliseconds() -> None:
-    snaps = [
-        snapshot("default", stats={"requests_num": 5, "requests_wait_ms": 1500}),
-        snapshot("default", size=1, idle=1, lent=0, stats={"requests_num": 2}),
-        snapshot("replica", waiting=3),
-    ]
-    registry = CollectorRegistry()
-    registry.register(prometheus.PoolCollector(lambda: snaps))
-    values = samples(generate_latest(registry).decode())
-    assert values[(P + "pool_size", "default")] == 3
-    assert values[(P + "pool_max_size", "default")] == 8
-    assert values[(P + "requests_total", "default")] == 7
-    assert values[(P + "requests_wait_seconds_total", "default")] == 1.5
-    assert values[(P + "pool_waiting", "replica")] == 3
-
-
-def test_the_publisher_turns_counters_into_increments(tmp_path: Path) -> None:
-    # Without the multiprocess directory the metrics live in memory; the
-    # arithmetic is the same.
-    current = [snapshot("default", stats={"requests_num": 5})]
-    publisher = prometheus.Publisher(lambda: current)
-    publisher.publish()
-    current = [snapshot("default", lent=0, stats={"requests_num": 8})]
-    publisher.publish()
-    # A new pool for the alias (settings changed): its counters restart.
-    current = [snapshot("default", stats={"requests_num": 2})]
-    publisher.publish()
-    current = []
-    publisher.publish()
-    counter = publisher.counters["requests"].labels("default")
-    assert counter._value.get() == 10  # 5 + 3 + 2
-    assert publisher.gauges["pool_size"].labels("default")._value.get() == 0
+    monkeypatch.setattr(stats, "snapshot_process", fails_once)
+    publisher = stats.Publisher(tmp_path, 0.05)
+    with caplog.at_level(logging.WARNING, logger="django_pooled_backend"):
+        publisher.start()
+        try:
+            wait_for(lambda: (tmp_path / f"{stats.HOSTNAME}.{os.getpid()}.json").exists())
+        finally:
+            publisher.stop()
+    assert len(calls) >= 2
+    assert "Could not publish pool statistics" in caplog.text
+    assert "boom" in caplog.text
 
 
 @pytest.mark.slow
-def test_metrics_are_summed_over_gunicorn_worker_processes(
+def test_the_view_reports_every_gunicorn_worker_whichever_serves_it(
     tmp_path: Path, transactional_db: None
 ) -> None:
-    multiproc = tmp_path / "prometheus"
-    multiproc.mkdir()
-    config = tmp_path / "gunicorn_conf.py"
-    config.write_text(
-        "from prometheus_client import multiprocess\n\n"
-        "def child_exit(server, worker):\n"
-        "    multiprocess.mark_process_dead(worker.pid)\n"
-    )
-    env = {
-        **os.environ,
-        "PROMETHEUS_MULTIPROC_DIR": str(multiproc),
-        "POOLED_BACKEND_PROMETHEUS_INTERVAL": "0.1",
-        # The test database of this run.
-        "DATABASE_URL": os.environ["DATABASE_URL"].rsplit("/", 1)[0]
-        + "/"
-        + connection.settings_dict["NAME"],
-        "POOL_MIN_SIZE": "1",
-        "POOL_MAX_SIZE": "3",
-    }
-    with launch.site(env, workers=2, threads=2, args=["--config", str(config)]) as site:
-
-        def get(path: str) -> str:
-            client = http.client.HTTPConnection("127.0.0.1", site.port, timeout=30)
-            try:
-                client.request("GET", path)
-                response = client.getresponse()
-                body = response.read().decode()
-                assert response.status == 200, f"GET {path}: {response.status}\n{body[:2000]}"
-                return body
-            finally:
-                client.close()
-
-        # Until both workers have served a request (each then has a pool).
-        workers: set[int] = set()
-        requests = 0
-        while len(workers) < 2 and requests < 500:
-            workers.add(json.loads(get("/whoami/"))["worker_pid"])
-            requests += 1
+    with serve("dpb_prometheus", tmp_path / "stats", max_size=3, workers=2, threads=2) as server:
+        workers = warm_both_workers(server)
         assert len(workers) == 2
 
-        # Until both workers have published what they did (every 0.1 s):
-        # then the numbers are the sums over both processes.
-        def published() -> dict[tuple[str, str], float] | None:
-            values = samples(get("/metrics/"))
-            done = (
-                values.get((P + "pool_min_size", "default")) == 2
-                and values.get((P + "requests_total", "default"), 0) >= requests
-            )
-            return values if done else None
+        def both() -> dict[str, float] | None:
+            families = text_string_to_metric_families(fetch(server.port, "/metrics/").decode())
+            maxima = {
+                s.labels["pid"]: s.value
+                for f in families
+                if f.name == P + "pool_max_size"
+                for s in f.samples
+            }
+            return maxima if set(maxima) == {str(pid) for pid in workers} else None
 
-        values = wait_for(published, what="metrics of both workers")
-        assert values[(P + "pool_max_size", "default")] == 6
-        assert values[(P + "pool_size", "default")] >= 2
+        maxima = wait_for(both, what="both workers in /metrics/")
+        assert set(maxima.values()) == {3}
 
 
-def test_a_metrics_file_still_being_created_does_not_fail_the_scrape(tmp_path: Path) -> None:
-    # A worker that just started writes its file empty, then sizes it:
-    # prometheus_client's own MultiProcessCollector raises on such a file.
-    from prometheus_client.mmap_dict import MmapedDict, mmap_key
-
-    name = P + "requests"
-    written = MmapedDict(str(tmp_path / "counter_1.db"))
-    written.write_value(mmap_key(name, name + "_total", ["alias"], ["default"], "help"), 5.0, 0.0)
-    written.close()
-    (tmp_path / "counter_2.db").touch()
-    registry_ = CollectorRegistry()
-    registry_.register(prometheus.WrittenFilesCollector(str(tmp_path)))
-    values = samples(generate_latest(registry_).decode())
-    assert values[(name + "_total", "default")] == 5
+def test_prometheus_output_without_prometheus_client_says_what_to_install(
+    tmp_path: Path, settings: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_published(tmp_path, os.getppid())
+    settings.POOLED_BACKEND_STATS_DIR = str(tmp_path)
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    monkeypatch.delitem(sys.modules, "django_pooled_backend.prometheus")
+    with pytest.raises(CommandError, match=r"pip install \"django-pooled-backend\[prometheus\]\""):
+        call_command("poolstats", "--prometheus", stdout=StringIO())

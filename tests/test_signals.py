@@ -186,7 +186,7 @@ def test_signals_without_receivers_are_not_sent(make_wrapper: Wrappers) -> None:
 
         return send
 
-    # Other modules' receivers (the Prometheus publisher's) are set aside.
+    # Receivers connected elsewhere are set aside.
     saved = {name: signal.receivers for name, signal in ALL.items()}
     for name, signal in ALL.items():
         signal.receivers = []

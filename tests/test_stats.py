@@ -465,12 +465,19 @@ def test_a_per_user_directory_another_user_controls_is_refused(tmp_path: Path) -
             stats.ensure_directory(base / "project")
 
 
-def write_published(directory: Path, pid: int, *, age: float = 0.0, host: str = "") -> Path:
+def write_published(
+    directory: Path,
+    pid: int,
+    *,
+    age: float = 0.0,
+    host: str = "",
+    pool: dict[str, Any] | None = None,
+) -> Path:
     """A snapshot file as a process would have written it ``age`` seconds ago."""
     snapshot = stats.snapshot_process([])
     snapshot.update(pid=pid, host=host or stats.HOSTNAME, time=time.time() - age)
     snapshot["start_time"] = stats.process_start_time(pid)
-    snapshot["pools"] = [dict(SAMPLE_POOL)]  # type: ignore[list-item]
+    snapshot["pools"] = [dict(pool or SAMPLE_POOL)]  # type: ignore[list-item]
     directory.mkdir(parents=True, exist_ok=True)
     return stats.write_snapshot(directory, snapshot)
 
@@ -795,10 +802,8 @@ def test_prometheus_output_parses_and_carries_every_pool_figure(two_processes: P
     }
     processes = families["django_pooled_backend_processes"]
     assert {s.labels["state"]: s.value for s in processes.samples} == {"live": 2, "stale": 0}
-    for name, _key, _kind, _help in poolstats._POOL_METRICS:
-        assert name.removesuffix("_total") in {
-            n.removeprefix("django_pooled_backend_") for n in families
-        }
+    for metric in stats.METRICS:
+        assert f"django_pooled_backend_{metric.name}" in families
 
 
 def test_check_fails_on_an_exhausted_pool_and_a_long_wait(two_processes: Path) -> None:

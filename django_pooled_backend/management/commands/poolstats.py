@@ -18,6 +18,17 @@ from django_pooled_backend.checks import ENGINE, pooled_aliases
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
 
 
+def prometheus_render() -> Callable[[poolstats.Report], str]:
+    """:func:`django_pooled_backend.prometheus.render`, or a CommandError saying what to install."""
+    try:
+        from django_pooled_backend.prometheus import render
+    except ImportError:
+        raise CommandError(
+            '--prometheus needs prometheus_client: pip install "django-pooled-backend[prometheus]".'
+        ) from None
+    return render
+
+
 class Command(BaseCommand):
     help = (
         "Show the connection pools of this project's running processes on this host "
@@ -80,7 +91,7 @@ class Command(BaseCommand):
             if options["json"]:
                 self.stdout.write(poolstats.render_json(report, max_wait), ending="")
             elif options["prometheus"]:
-                self.stdout.write(poolstats.render_prometheus(report), ending="")
+                self.stdout.write(prometheus_render()(report), ending="")
             else:
                 self.stdout.write(poolstats.render_text(report, max_wait), ending="")
             if options["check"]:
