@@ -1,19 +1,26 @@
-"""The side-by-side benchmark of connection strategies (``python bench/run.py``).
+"""The benchmarks: each module a command, run from the repository root (see docs/benchmarks.rst).
 
-Modules:
-
-``strategies``
-    Each strategy as one entry of ``DATABASES`` (one alias per strategy, all
-    on the same database), and how to close its pool between cells.
-``pgbouncer``
-    Finds (or installs) PgBouncer, starts it on loopback, stops it.
-``workloads``
-    The requests, the threads that send them, the sampler of server
-    connections and the borrow+return microbenchmark.
-``report``
-    Aggregates repetitions and writes ``bench/results/latest.{md,rst,json}``.
 ``run``
-    The command line.
+    The side-by-side benchmark of connection strategies (``python bench/run.py``).
+``strategies``, ``workloads``, ``report``
+    Its parts: each strategy as one entry of ``DATABASES``; the requests,
+    the threads that send them and the sampler of server connections; the
+    aggregation and the ``latest.rst`` tables (the raw ``latest.json`` stays
+    local).
+``micro``
+    One-thread micro-measurements with pyperf: a request per strategy, a
+    borrow+return against another revision, the statistics' statements.
 ``profile_borrow``
     Where the time of one request goes, per strategy (cProfile).
+``instructions``
+    What a request costs the client, in instructions.
+``release_modes``
+    Persistent connections against request- and transaction-scoped release.
+``reset_cost``
+    What the session reset costs per request.
+``connect_failures``
+    How long ``migrate`` and ``check`` take to fail on a refusing server.
+
+PgBouncer, when a strategy needs it, comes from ``testproject.pgbouncer``;
+the server from ``testproject.pgserver``.
 """

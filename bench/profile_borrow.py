@@ -1,19 +1,15 @@
-"""Where the time of one request goes: workload (a) at T=1, per strategy.
+"""Where the time of one request goes: workload (a) at T=1, per strategy, under cProfile.
 
 Usage::
 
     .venv/bin/python bench/profile_borrow.py                       # pooled vs persistent
     .venv/bin/python bench/profile_borrow.py --strategies persistent,pooled,django-pool
-    .venv/bin/python bench/profile_borrow.py --requests 20000 --rounds 5 --top 30
+    .venv/bin/python bench/profile_borrow.py --requests 20000 --top 30
 
-First, without a profiler, one thread runs ``--requests`` x ``--rounds``
-requests per strategy, in blocks of ``--block`` that take turns: the
-median of the block-by-block differences to persistent connections is the
-overhead, in wall-clock time and in the thread's CPU time.
-Then one round per strategy runs under cProfile, and the functions of the
-borrow/return path are listed with their time per request (cProfile adds
-its own cost per call: compare the strategies with each other, and trust the
-unprofiled numbers for absolute costs).
+``--requests`` requests per strategy run under cProfile, and the functions
+of the borrow/return path are listed with their time per request (cProfile
+adds its own cost per call: compare the strategies with each other; the
+unprofiled time per request is ``bench/micro.py``'s, measured with pyperf).
 """
 
 from __future__ import annotations
@@ -22,10 +18,8 @@ import argparse
 import cProfile
 import io
 import pstats
-import statistics
 import sys
 import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,8 +78,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="bench/profile_borrow.py", description=__doc__)
     parser.add_argument("--strategies", default="persistent,pooled,pooled-no-reset,django-pool")
     parser.add_argument("--requests", type=int, default=5000)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--block", type=int, default=100, help="requests per interleaved block")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--sort", default="tottime", choices=["tottime", "cumulative"])
@@ -99,45 +91,6 @@ def _in_thread(fn: object) -> None:
     thread = threading.Thread(target=fn)  # type: ignore[arg-type]
     thread.start()
     thread.join()
-
-
-Timings = dict[str, list[tuple[float, float]]]
-
-
-def interleaved(aliases: list[str], blocks: int, block: int) -> Timings:
-    """Per alias, seconds per request of workload (a) in each of ``blocks`` blocks.
-
-    One thread runs ``block`` requests on each alias in turn (in rotating
-    order), ``blocks`` times: the strategies are measured a few
-    milliseconds apart, so that what the machine does meanwhile falls on
-    all of them alike.  Two figures per block: wall-clock time, and the CPU
-    time of the requesting thread (which leaves out the waits for the
-    server: what a pool adds is CPU time in this thread, but for round trips).
-    """
-    from bench import workloads
-
-    out: Timings = {alias: [] for alias in aliases}
-
-    def go() -> None:
-        from django.db import connections
-
-        for alias in aliases:
-            for pk in range(1, 201):
-                workloads.request(workloads.view_read, alias, pk)
-        for b in range(blocks):
-            order = aliases[b % len(aliases) :] + aliases[: b % len(aliases)]
-            for alias in order:
-                t0, c0 = time.perf_counter(), time.thread_time()
-                for i in range(block):
-                    workloads.request(workloads.view_read, alias, 1 + i % 1000)
-                out[alias].append(
-                    ((time.perf_counter() - t0) / block, (time.thread_time() - c0) / block)
-                )
-        for alias in aliases:
-            connections[alias].close()
-
-    _in_thread(go)
-    return out
 
 
 def profiled(alias: str, n: int) -> pstats.Stats:
@@ -192,28 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         chosen.insert(0, strategies.BY_NAME[strategies.REFERENCE])
     run.configure_django(db, chosen, None)
     run.prepare_table(args.items)
-
-    blocks = max(args.requests * args.rounds // args.block, 3)
-    print(
-        f"== Unprofiled: workload (a) at T=1, {blocks} interleaved blocks of "
-        f"{args.block} requests per strategy"
-    )
-    names = [s.name for s in chosen]
-    per = interleaved(names, blocks, args.block)
-    for s in chosen:
-        strategies.close_pools(s)
-    ref = per[strategies.REFERENCE]
-    for clock, index in (("wall-clock", 0), ("CPU time of the requesting thread", 1)):
-        print(f"-- {clock}: median per request, and median of the differences block by block")
-        for name in names:
-            values = [v[index] for v in per[name]]
-            deltas = sorted(v[index] - r[index] for v, r in zip(per[name], ref, strict=True))
-            q1, q3 = deltas[len(deltas) // 4], deltas[(3 * len(deltas)) // 4]
-            print(
-                f"{name:<20} {1e6 * statistics.median(values):8.1f} µs/request   "
-                f"{1e6 * statistics.median(deltas):+8.1f} µs vs persistent "
-                f"(quartiles {1e6 * q1:+.0f} .. {1e6 * q3:+.0f})"
-            )
 
     for s in chosen:
         stats = profiled(s.name, args.requests)

@@ -1,4 +1,7 @@
-"""Aggregate the repetitions and write ``latest.md``, ``latest.rst`` and ``latest.json``.
+"""Aggregate the repetitions and write ``latest.rst`` (the tables) and ``latest.json``.
+
+``latest.rst`` is committed and included in the docs; ``latest.json``, every
+repetition of every cell, stays local (``.gitignore``).
 
 Ratios and overheads are computed within each repetition (every strategy
 against persistent connections measured minutes apart at most, in the same
@@ -117,39 +120,6 @@ def aggregate(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summaries
 
 
-def aggregate_paired(paired: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for p in paired:
-        groups.setdefault(p["strategy"], []).append(p)
-    return [
-        {
-            "strategy": strategy,
-            "us_per_request": _median(p["us_per_request"] for p in ps),
-            "overhead_us": _median(p["overhead_us"] for p in ps),
-            "overhead_us_q1": _median(p["overhead_us_q1"] for p in ps),
-            "overhead_us_q3": _median(p["overhead_us_q3"] for p in ps),
-            "cpu_overhead_us": _median(p["cpu_overhead_us"] for p in ps),
-            "reps": len(ps),
-        }
-        for strategy, ps in groups.items()
-    ]
-
-
-def aggregate_micro(micro: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for m in micro:
-        groups.setdefault(m["strategy"], []).append(m)
-    return [
-        {
-            "strategy": strategy,
-            "connect_close_us": _median(m.get("connect_close_us", math.nan) for m in ms),
-            "lifecycle_us": _median(m["lifecycle_us"] for m in ms),
-            "reps": len(ms),
-        }
-        for strategy, ms in groups.items()
-    ]
-
-
 # -- rendering -------------------------------------------------------------
 
 
@@ -176,8 +146,6 @@ def _waited(summary: dict[str, Any]) -> str:
 
 def tables(
     summaries: list[dict[str, Any]],
-    micro: list[dict[str, Any]],
-    paired: list[dict[str, Any]],
     strategies: list[str],
     workloads: dict[str, str],
 ) -> tuple[list[Table], list[str]]:
@@ -248,70 +216,7 @@ def tables(
                 rows,
             )
         )
-    order = {name: i for i, name in enumerate(strategies)}
-    if paired:
-        rows = [
-            [
-                p["strategy"],
-                _num(p["us_per_request"], "{:.0f}"),
-                _num(p["overhead_us"], "{:+.0f}"),
-                f"{_num(p['overhead_us_q1'], '{:+.0f}')} to {_num(p['overhead_us_q3'], '{:+.0f}')}",
-                _num(p["cpu_overhead_us"], "{:+.0f}"),
-            ]
-            for p in sorted(paired, key=lambda p: order.get(p["strategy"], 99))
-        ]
-        result.append(
-            Table(
-                "(a) at T=1, strategies alternating in one thread: overhead per request",
-                [
-                    "strategy",
-                    "µs/request",
-                    "overhead µs",
-                    "middle half of rounds",
-                    "client CPU overhead µs",
-                ],
-                rows,
-            )
-        )
-    if micro:
-        rows = [
-            [
-                m["strategy"],
-                _num(m["connect_close_us"], "{:.1f}"),
-                _num(m["lifecycle_us"], "{:.1f}"),
-            ]
-            for m in sorted(micro, key=lambda m: order.get(m["strategy"], 99))
-        ]
-        result.append(
-            Table(
-                "Borrow+return alone, one thread (µs, median over repetitions)",
-                ["strategy", "connect()+close()", "request signals + ensure_connection()"],
-                rows,
-            )
-        )
     return result, notes
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
-
-
-def render_md(info: dict[str, str], run: dict[str, Any], ts: list[Table], notes: list[str]) -> str:
-    lines = ["# Benchmark results", ""]
-    lines += [f"- **{k}**: {_md_cell(v)}" for k, v in info.items()]
-    lines += [
-        f"- **{k}**: `{v}`" if k == "command" else f"- **{k}**: {_md_cell(str(v))}"
-        for k, v in run.items()
-    ]
-    for t in ts:
-        lines += ["", f"## {t.title}", ""]
-        lines.append("| " + " | ".join(t.header) + " |")
-        lines.append("|" + "|".join("---" for _ in t.header) + "|")
-        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in t.rows]
-    if notes:
-        lines += ["", "## First error of each failing cell", ""]
-        lines += [f"- `{n}`" for n in notes]
-    return "\n".join(lines) + "\n"
 
 
 def _rst_cell(text: str) -> str:
@@ -365,33 +270,15 @@ def write(
     info: dict[str, str],
     run: dict[str, Any],
     cells: list[dict[str, Any]],
-    micro: list[dict[str, Any]],
-    paired: list[dict[str, Any]],
     strategies: list[str],
     workloads: dict[str, str],
 ) -> dict[str, Path]:
-    """Write the three reports into ``directory``; return their paths."""
+    """Write the table (committed) and the raw figures (not) into ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     summaries = aggregate(cells)
-    micro_summary = aggregate_micro(micro)
-    paired_summary = aggregate_paired(paired)
-    ts, notes = tables(summaries, micro_summary, paired_summary, strategies, workloads)
-    paths = {
-        "json": directory / "latest.json",
-        "md": directory / "latest.md",
-        "rst": directory / "latest.rst",
-    }
-    data = {
-        "machine": info,
-        "run": run,
-        "summary": summaries,
-        "microbenchmark": micro_summary,
-        "t1_alternating": paired_summary,
-        "cells": cells,
-        "microbenchmark_reps": micro,
-        "t1_alternating_reps": paired,
-    }
+    ts, notes = tables(summaries, strategies, workloads)
+    paths = {"json": directory / "latest.json", "rst": directory / "latest.rst"}
+    data = {"machine": info, "run": run, "summary": summaries, "cells": cells}
     paths["json"].write_text(json.dumps(_no_nan(data), indent=1, default=str) + "\n")
-    paths["md"].write_text(render_md(info, run, ts, notes))
     paths["rst"].write_text(render_rst(info, run, ts, notes))
     return paths

@@ -10,7 +10,9 @@ The server is ``DATABASE_URL`` if set, else the embedded PostgreSQL of
 ``testproject.pgserver`` (started here, stopped at exit).  Within each
 repetition, every (workload, T) runs all strategies back to back in a
 shuffled order, so that ratios to persistent connections compare runs made
-seconds apart.  Results go to ``bench/results/latest.{md,rst,json}``.
+seconds apart.  Results go to ``bench/results/latest.rst`` (the tables, committed)
+and ``latest.json`` (every repetition of every cell, not committed).  The
+one-thread micro-measurements are ``bench/micro.py``'s (pyperf).
 """
 
 from __future__ import annotations
@@ -39,17 +41,12 @@ QUICK = {
     "seconds": 1.0,
     "warmup": 0.5,
     "threads": "1,4",
-    "micro_iterations": 300,
-    "paired_rounds": 10,
 }
-PAIRED_CHUNK = 20
 FULL = {
     "reps": 5,
     "seconds": 2.0,
     "warmup": 1.0,
     "threads": "1,4,16,64",
-    "micro_iterations": 3000,
-    "paired_rounds": 100,
 }
 
 
@@ -69,10 +66,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         + ", ".join(s.name for s in strategies.STRATEGIES),
     )
     parser.add_argument("--workloads", default="a,b,c", help="comma-separated: a, b, c")
-    parser.add_argument("--micro-iterations", type=int, help="borrow+return iterations")
-    parser.add_argument(
-        "--paired-rounds", type=int, help="rounds of the alternating T=1 measurement (0: skip)"
-    )
     parser.add_argument(
         "--max-size",
         type=int,
@@ -180,8 +173,6 @@ def render(path: Path, output_dir: Path) -> int:
         data["machine"],
         data["run"],
         data["cells"],
-        data["microbenchmark_reps"],
-        data["t1_alternating_reps"],
         [s.name for s in strategies.STRATEGIES if s.name in present],
         {k: WORKLOADS[k].description for k in keys},
     )
@@ -260,8 +251,6 @@ def _run(
     }
     print(f"Benchmark on PostgreSQL {info['postgresql']}, {info['cpu']} x{info['cores']}")
     cells: list[dict[str, Any]] = []
-    micro: list[dict[str, Any]] = []
-    paired: list[dict[str, Any]] = []
     started = time.monotonic()
     for rep in range(args.reps):
         rng = random.Random(args.seed * 100 + rep)
@@ -297,49 +286,12 @@ def _run(
                         ),
                         flush=True,
                     )
-        order = [s for s in chosen if s.pooled or s.name == strategies.REFERENCE]
-        rng.shuffle(order)
-        for strategy in order:
-            m = workloads.microbench(strategy, args.micro_iterations)
-            strategies.close_pools(strategy)
-            m["rep"] = rep
-            micro.append(m)
-            print(
-                f"rep {rep + 1}/{args.reps} micro {strategy.name:<21} "
-                f"connect+close {m.get('connect_close_us', float('nan')):7.1f} µs  "
-                f"lifecycle {m['lifecycle_us']:7.1f} µs",
-                flush=True,
-            )
-        # Strategies that open a connection per request cost milliseconds:
-        # the alternating measurement is about the others.
-        order = [s for s in chosen if s.conn_max_age is None or s.pooled]
-        if args.paired_rounds and "a" in args.workload_list and len(order) > 1:
-            result = workloads.paired_overhead(
-                order,
-                rounds=args.paired_rounds,
-                chunk=PAIRED_CHUNK,
-                items=args.items,
-                reference=strategies.REFERENCE,
-            )
-            for strategy in order:
-                strategies.close_pools(strategy)
-            for name, values in result.items():
-                paired.append({"strategy": name, "rep": rep, **values})
-                print(
-                    f"rep {rep + 1}/{args.reps} T=1 alternating {name:<21} "
-                    f"{values['us_per_request']:7.1f} µs/request  "
-                    f"{values['overhead_us']:+7.1f} µs  "
-                    f"client CPU {values['cpu_overhead_us']:+7.1f} µs",
-                    flush=True,
-                )
     run_info["duration"] = f"{time.monotonic() - started:.0f} s"
     paths = report.write(
         args.output_dir,
         info,
         run_info,
         cells,
-        micro,
-        paired,
         [s.name for s in chosen],
         {k: workloads.WORKLOADS[k].description for k in args.workload_list},
     )

@@ -56,7 +56,8 @@ connection_discarded = Signal()
 
 Extra argument: ``reason``, one of ``"reset failed"``, ``"check failed"``
 (the server closed it, or the borrow-time check failed), ``"max_lifetime"``,
-``"max_idle"`` (the pool shrank), ``"pool closed"``; a short detail may
+``"max_idle"`` (the pool shrank), ``"drained"`` (opened before the pool was
+drained), ``"pool closed"``; a short detail may
 follow after a colon.  A connection that was broken when it came back is
 discarded by psycopg_pool without a signal of its own.  Receivers must not
 call the pool's methods: psycopg_pool may close a connection while it holds

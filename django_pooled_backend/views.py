@@ -34,7 +34,7 @@ def refresh_seconds() -> float:
     try:
         interval = stats.configured_interval()
     except ImproperlyConfigured:
-        interval = stats.DEFAULT_INTERVAL  # system check E003 reports the setting
+        interval = stats.DEFAULT_INTERVAL  # system check E005 reports the setting
     return max(interval, MIN_REFRESH)
 
 

@@ -227,7 +227,7 @@ def test_the_page_polls_at_the_publishing_interval_but_not_faster_than_half_a_se
     assert views.refresh_seconds() == 2.0
     settings.POOLED_BACKEND_STATS_INTERVAL = 0.1
     assert views.refresh_seconds() == 0.5
-    settings.POOLED_BACKEND_STATS_INTERVAL = "often"  # system check E003 reports it
+    settings.POOLED_BACKEND_STATS_INTERVAL = "often"  # system check E005 reports it
     assert views.refresh_seconds() == 1.0
 
 

@@ -87,10 +87,6 @@ def test_quick_run_writes_every_cell_without_errors(tmp_path: Path) -> None:
         # costs of a cell stay out of the window.
         "--warmup",
         "1.0",
-        "--micro-iterations",
-        "100",
-        "--paired-rounds",
-        "3",
         "--max-size",
         str(MAX_SIZE),
         "--items",
@@ -121,15 +117,13 @@ def test_quick_run_writes_every_cell_without_errors(tmp_path: Path) -> None:
             assert 0 <= s["queued_pct"] <= 100, (s, log)
         if s["strategy"] != "persistent" and s["threads"] > MAX_SIZE:
             assert s["queued_pct"] > 0, (s, log)
-    assert {m["strategy"] for m in data["microbenchmark"]} == set(STRATEGIES)
-    assert {p["strategy"] for p in data["t1_alternating"]} == set(STRATEGIES)
     for key in ("cpu", "python", "django", "psycopg", "postgresql"):
         assert data["machine"][key], key
 
-    markdown = (tmp_path / "latest.md").read_text()
-    assert "| pooled | 1 |" in markdown
-    assert "| pooled-transaction | 4 |" in markdown
-    assert "(b) request: get, then an update in atomic(): details" in markdown
+    table = (tmp_path / "latest.rst").read_text()
+    assert "   * - pooled\n     - 1\n" in table
+    assert "   * - pooled-transaction\n     - 4\n" in table
+    assert "(b) request: get, then an update in atomic(): details" in table
 
 
 def test_quick_run_report_is_valid_restructuredtext(tmp_path: Path) -> None:
@@ -163,8 +157,6 @@ def test_quick_run_report_is_valid_restructuredtext(tmp_path: Path) -> None:
         {"cpu": "test *cpu*"},
         {"command": "bench/run.py --quick"},
         cells,
-        [{"strategy": "pooled", "rep": 0, "connect_close_us": 10.0, "lifecycle_us": 20.0}],
-        [],
         ["persistent", "pooled"],
         {"a": "request: get by primary key"},
     )
@@ -220,10 +212,6 @@ def test_profile_borrow_times_and_profiles_the_borrow_path() -> None:
         "pooled,pooled-transaction",
         "--requests",
         "60",
-        "--rounds",
-        "1",
-        "--block",
-        "20",
         "--items",
         "1000",
         "--top",
@@ -251,7 +239,7 @@ def killed_run_stops_its_pgbouncer(url: str) -> None:
     before = set(bouncer.WORK_DIR.glob("pgbouncer-*"))
     # Long enough to be killed in the middle (it never gets to write a report).
     args = ["--strategies", "pgbouncer-persistent", "--workloads", "a", "--threads", "1"]
-    args += ["--reps", "100", "--paired-rounds", "0", "--output-dir", "/nonexistent"]
+    args += ["--reps", "100", "--output-dir", "/nonexistent"]
     run = subprocess.Popen(
         [sys.executable, "bench/run.py", *args],
         cwd=ROOT,
@@ -310,3 +298,28 @@ def test_reset_cost_measures_every_mode_and_the_judge() -> None:
         for ratio in ("auto/never", "always/never", "always/auto"):
             assert (threads, ratio) in rows, out
     assert "cache miss" in out, out
+
+
+def test_micro_compares_the_strategies_with_pyperf(tmp_path: Path) -> None:
+    pytest.importorskip("pyperf", reason="in the bench and test extras")
+    result = run_with_own_database(
+        "dpb_micro_smoke",
+        "bench/micro.py",
+        *("--only", "request,hooks", "--strategies", "pooled", "--fast"),
+        *("--rounds", "1", "--processes", "1", "--items", "1000"),
+        *("--output-dir", str(tmp_path)),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    table = (tmp_path / "latest.rst").read_text()
+    assert "- **command**: ``bench/micro.py --only request,hooks" in table
+    assert "- **pyperf**: " in table
+    # A table, or pyperf's word that the difference is not significant.
+    assert "| request-persistent | request-pooled" in table or (
+        "hidden because not significant (1): request" in table
+    ), table
+    assert "Mean +- std dev" in table  # the hooks, timed alone
+    assert {p.name for p in tmp_path.glob("*.json")} == {
+        "request-persistent.json",
+        "request-pooled.json",
+        "hooks-this-tree.json",
+    }
