@@ -85,14 +85,15 @@ class PoolCounters:
     """
 
     __slots__ = (
-        "_waiters_seen",
         "closed",
+        "failed",
         "leaks",
         "opened",
         "reclaims",
         "rejected",
         "resets",
         "resets_failed",
+        "served",
         "timeouts",
         "waits",
     )
@@ -106,14 +107,12 @@ class PoolCounters:
         self.closed = 0
         self.leaks = 0
         self.reclaims = 0
+        # Borrows that got a connection, and that raised.
+        self.served = 0
+        self.failed = 0
         # Seconds each recent borrow took to get its connection (queueing
         # and the borrow-time check): deque.append is atomic and O(1).
         self.waits: deque[float] = deque(maxlen=window)
-        # When the publisher first saw each waiting client: psycopg_pool
-        # does not record when a client started waiting, and recording it
-        # per borrow would cost the request path; a sample a second is
-        # precise enough for "waiting for more than N seconds".
-        self._waiters_seen: dict[Any, float] = {}
 
 
 # -- snapshots ---------------------------------------------------------------
@@ -213,13 +212,8 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
             ps = pool.get_stats()
             break
 
-    # Clients that timed out stay in psycopg_pool's queue until the next
-    # connection comes back: they are not waiting any more.
-    waiters = [w for w in _copy(pool._waiting) if w.conn is None and w.error is None]
-    seen = counters._waiters_seen
-    current = {w: seen.get(w, now) for w in waiters}
-    counters._waiters_seen = current
-    oldest_waiter = round(now - min(current.values()), 3) if current else None
+    oldest = pool.handoff.oldest_wait(now)
+    oldest_waiter = None if oldest is None else round(oldest, 3)
 
     holders = _copy(pool.holders.values())
     oldest_holder: HolderSnapshot | None = None
@@ -231,8 +225,8 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
             "where": first.where_text(),
         }
 
-    requests = ps.get("requests_num", 0)
-    errors = ps.get("requests_errors", 0)
+    served = counters.served
+    requests = served + counters.failed + state["waiting"]
     connect_errors = ps.get("connections_errors", 0)
     return {
         "alias": pool.alias,
@@ -245,11 +239,11 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
         # Not size - idle: size also counts connections being opened.
         "lent": len(holders),
         "pinned": pool.count_pinned(holders),
-        "waiting": len(waiters),
+        "waiting": state["waiting"],
         "oldest_waiter_s": oldest_waiter,
         "requests": requests,
-        "requests_served": max(requests - errors - len(waiters), 0),
-        "requests_waited": ps.get("requests_queued", 0),
+        "requests_served": served,
+        "requests_waited": pool.handoff.waited,
         "wait": summarize_waits(_copy(counters.waits)),
         "timeouts": counters.timeouts,
         "rejected": counters.rejected,
