@@ -148,6 +148,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--rounds", type=int, default=30, help="rounds per T (30)")
     parser.add_argument("--items", type=int, default=1000, help="rows in shop_item (1000)")
+    parser.add_argument(
+        "--io-wait",
+        type=float,
+        default=None,
+        help="seconds of waiting in the io request (bench/workloads.py's IO_WAIT, 0.02); "
+        "0.1 keeps 64 threads of one process below one CPU core",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write every window here")
     parser.add_argument("--seed", type=int, default=16)
     args = parser.parse_args(argv)
@@ -220,11 +227,15 @@ def view_light(alias: str, pk: int) -> None:
         cursor.fetchone()
 
 
-def workload_view(workload: str) -> Callable[[str, int], None]:
+def workload_view(workload: str, io_wait: float | None) -> Callable[[str, int], None]:
+    """The view of ``workload``; for ``io``, with ``io_wait`` seconds of waiting if given."""
     if workload == "io":
-        from bench.workloads import view_io
+        from bench import workloads
 
-        return view_io
+        if io_wait is not None:
+            # view_io reads its module's IO_WAIT at every call.
+            workloads.IO_WAIT = io_wait
+        return workloads.view_io
     return view_light
 
 
@@ -462,6 +473,12 @@ def report(results: dict[int, dict[str, dict[str, Any]]], reference: str = REFER
     return table(header, rows)
 
 
+def workloads_io_wait(args: argparse.Namespace) -> float:
+    from bench import workloads
+
+    return workloads.IO_WAIT if args.io_wait is None else float(args.io_wait)
+
+
 def versions() -> str:
     import platform
 
@@ -488,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from django.db import connection
 
-    view = workload_view(args.workload)
+    view = workload_view(args.workload, args.io_wait)
     results: dict[int, dict[str, dict[str, Any]]] = {}
     windows: dict[int, list[Window]] = {}
     with connection.cursor() as cursor:
@@ -500,7 +517,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"bench/paired.py {' '.join(sys.argv[1:] if argv is None else argv)}\n"
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} CPUs; "
         f"{versions()}; server PostgreSQL {server_version}\n"
-        f"workload {args.workload}; {args.rounds} rounds x {args.seconds:g} s measured "
+        f"workload {args.workload}"
+        + (f" ({1000 * workloads_io_wait(args):g} ms waiting)" if args.workload == "io" else "")
+        + f"; {args.rounds} rounds x {args.seconds:g} s measured "
         f"(+{args.settle:g} s settling) per variant",
         flush=True,
     )
