@@ -69,6 +69,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+# Importing django.db reads no setting: settings.configure() comes later.
+from django.db import connections
+
 ROOT = Path(__file__).resolve().parent.parent
 # Run as a script, this folder comes first on sys.path: put the root there.
 if sys.path[0] == str(ROOT / "bench"):
@@ -207,7 +210,6 @@ def configure(variants: Sequence[str]) -> None:
 def prepare_data(items: int) -> None:
     """The shop tables, with rows 1..``items`` in ``shop_item``."""
     from django.core.management import call_command
-    from django.db import connections
 
     from testproject.shop.models import Item
 
@@ -220,8 +222,6 @@ def prepare_data(items: int) -> None:
 
 def view_light(alias: str, pk: int) -> None:
     """One indexed SELECT through the wrapper's cursor."""
-    from django.db import connections
-
     with connections[alias].cursor() as cursor:
         cursor.execute("SELECT name FROM shop_item WHERE id = %s", [pk])
         cursor.fetchone()
@@ -525,8 +525,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for threads in args.threads:
         started = time.monotonic()
-        from django.db import connections
-
         make_op = django_request_op(view, args.items, args.seed + threads)
         pairing = Pairing(threads, make_op, at_exit=connections.close_all)
         windows[threads] = pairing.run(args.variants, args.rounds, args.seconds, args.settle)

@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,11 +138,19 @@ def seed(url: str, items: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Site:
+    """A variant's gunicorn: where it listens; whose CPU it uses (gunicorn, PgBouncer)."""
+
+    port: int
+    pids: tuple[int, ...]
+
+
 @contextlib.contextmanager
 def sites(
     variants: Sequence[str], threads: int, args: argparse.Namespace, workdir: Path
-) -> Iterator[dict[str, int]]:
-    """Every variant's gunicorn (and PgBouncer), serving; yields variant -> port."""
+) -> Iterator[dict[str, Site]]:
+    """Every variant's gunicorn (and PgBouncer), serving; yields variant -> its site."""
     from testproject import pgbouncer
 
     # Imported by name: the test helpers are not type-checked with bench/.
@@ -158,7 +167,7 @@ def sites(
                 default_pool_size=args.workers * args.max_size,
             )
             stack.callback(bouncer.stop)
-        ports = {}
+        running = {}
         for variant in variants:
             db = f"dpb_wrk_{variant}"
             extra = variant_env(variant, database_url(db), bouncer.url(db) if bouncer else None)
@@ -175,16 +184,38 @@ def sites(
                 )
             )
             seed(database_url(db), args.items)
-            ports[variant] = server.port
-        yield ports
+            pids: tuple[int, ...] = (server.master.pid,)
+            if variant == "pgbouncer" and bouncer is not None:
+                pids += (bouncer.process.pid,)
+            running[variant] = Site(server.port, pids)
+        yield running
 
 
-def run_wrk(port: int, seconds: int, connections: int, script: Path) -> dict[str, Any]:
-    """One wrk run; its JSON line, with requests/s."""
+def tree_cpu(pids: Sequence[int]) -> float:
+    """CPU seconds (user + system) used so far by processes ``pids`` and their children."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # The command name, in parentheses, may contain spaces: split after it.
+        fields = text[text.rindex(")") + 2 :].split()
+        if int(entry) in pids or int(fields[1]) in pids:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
+def run_wrk(site: Site, seconds: int, connections: int, script: Path) -> dict[str, Any]:
+    """One wrk run; its JSON line, with requests/s and the site's CPU per request."""
+    cpu = tree_cpu(site.pids)
     done = subprocess.run(
         [
             *("wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s"),
-            *("--timeout", "10s", "-s", str(script), f"http://127.0.0.1:{port}"),
+            *("--timeout", "10s", "-s", str(script), f"http://127.0.0.1:{site.port}"),
         ],
         capture_output=True,
         text=True,
@@ -195,6 +226,8 @@ def run_wrk(port: int, seconds: int, connections: int, script: Path) -> dict[str
         raise RuntimeError(f"wrk failed ({done.returncode}): {done.stdout}{done.stderr}")
     result: dict[str, Any] = json.loads(line[5:])
     result["rps"] = result["requests"] / (result["duration_us"] / 1e6)
+    # Requests still in flight when wrk stops are few against thousands.
+    result["cpu_us"] = 1e6 * (tree_cpu(site.pids) - cpu) / max(1, result["requests"])
     return result
 
 
@@ -207,8 +240,11 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
         p99_ratios = [
             a["p99_us"] / b["p99_us"] for a, b in zip(mine, reference, strict=True) if b["p99_us"]
         ]
+        cpu_diffs = [a["cpu_us"] - b["cpu_us"] for a, b in zip(mine, reference, strict=True)]
         out[variant] = {
             "rps": statistics.median(r["rps"] for r in mine),
+            "cpu_us": statistics.median(r["cpu_us"] for r in mine),
+            "cpu_us_diff": statistics.median(cpu_diffs),
             "ratio": statistics.median(ratios),
             "ratio_min": min(ratios),
             "ratio_max": max(ratios),
@@ -223,7 +259,18 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
 def report(results: dict[int, dict[str, dict[str, Any]]], args: argparse.Namespace) -> str:
     from bench.paired import table
 
-    header = ("T", "variant", "req/s", "ratio [range]", "p50 ms", "p99 ms", "p99 ratio", "errors")
+    header = (
+        "T",
+        "variant",
+        "req/s",
+        "ratio [range]",
+        "CPU µs/req",
+        "ΔCPU µs",
+        "p50 ms",
+        "p99 ms",
+        "p99 ratio",
+        "errors",
+    )
     rows = []
     for threads, by_variant in results.items():
         for variant, s in by_variant.items():
@@ -235,6 +282,8 @@ def report(results: dict[int, dict[str, dict[str, Any]]], args: argparse.Namespa
                     "1"
                     if variant == REFERENCE
                     else f"{s['ratio']:.3f} [{s['ratio_min']:.2f}-{s['ratio_max']:.2f}]",
+                    f"{s['cpu_us']:.0f}",
+                    "0" if variant == REFERENCE else f"{s['cpu_us_diff']:+.0f}",
                     f"{s['p50_ms']:.2f}",
                     f"{s['p99_ms']:.2f}",
                     "1" if variant == REFERENCE else f"{s['p99_ratio']:.2f}",
@@ -272,19 +321,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for threads in args.threads:
             connections = args.connections or 2 * args.workers * threads
             runs: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
-            with sites(args.variants, threads, args, workdir / f"t{threads}") as ports:
+            with sites(args.variants, threads, args, workdir / f"t{threads}") as running:
                 script = workdir / f"t{threads}.lua"
                 script.write_text(LUA % {"seed": threads, "items": args.items})
                 for variant in args.variants:  # warm up: every thread's connection, the pools
-                    run_wrk(ports[variant], 1, connections, script)
+                    run_wrk(running[variant], 1, connections, script)
                 for r in range(args.rounds):
                     k = r % len(args.variants)
                     for variant in [*args.variants[k:], *args.variants[:k]]:
-                        run = run_wrk(ports[variant], args.seconds, connections, script)
+                        run = run_wrk(running[variant], args.seconds, connections, script)
                         runs[variant].append(run)
                         print(
                             f"T={threads} round {r + 1}/{args.rounds} {variant:12s} "
                             f"{run['rps']:7.0f} req/s  p99 {run['p99_us'] / 1000:6.2f} ms  "
+                            f"CPU {run['cpu_us']:4.0f} µs/request  "
                             f"load {os.getloadavg()[0]:.1f}",
                             flush=True,
                         )
