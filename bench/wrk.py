@@ -3,7 +3,7 @@
 One command, from the repository root (after ``bash .ci/setup-venv "test,bench"``
 and ``apt-get install wrk pgbouncer``)::
 
-    .venv/bin/python bench/wrk.py                     # threads 4 and 8, max_size 4: ~6 minutes
+    .venv/bin/python bench/wrk.py                     # threads 4 and 8, max_size 4: ~4 minutes
     .venv/bin/python bench/wrk.py --threads 4 --rounds 1 --seconds 1   # a smoke run
 
 Variants, each a gunicorn (``--workers`` gthread workers of T threads) serving
@@ -25,7 +25,7 @@ one wrk thread, each request ``GET /items/<random pk>/``) for ``--seconds``
 against each variant in turn, the order rotating from round to round; the
 report gives per variant the median over rounds of requests/s and of wrk's
 p99 latency, and the median of the per-round ratios to ``persistent``
-(with their range).  T at most ``--max-size`` and T above it are the two
+(with their interquartile range).  T at most ``--max-size`` and T above it are the two
 cases of issue 16.
 
 Gunicorn is started with ``tests/live.py``'s :func:`serve` (which creates
@@ -233,6 +233,8 @@ def run_wrk(site: Site, seconds: int, connections: int, script: Path) -> dict[st
 
 def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """Per variant: medians over rounds, and the per-round ratios to the reference."""
+    from bench.paired import quartiles
+
     reference = runs[REFERENCE]
     out = {}
     for variant, mine in runs.items():
@@ -246,8 +248,8 @@ def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, Any]
             "cpu_us": statistics.median(r["cpu_us"] for r in mine),
             "cpu_us_diff": statistics.median(cpu_diffs),
             "ratio": statistics.median(ratios),
-            "ratio_min": min(ratios),
-            "ratio_max": max(ratios),
+            "ratio_q1": quartiles(ratios)[0],
+            "ratio_q3": quartiles(ratios)[1],
             "p50_ms": statistics.median(r["p50_us"] for r in mine) / 1000,
             "p99_ms": statistics.median(r["p99_us"] for r in mine) / 1000,
             "p99_ratio": statistics.median(p99_ratios),
@@ -263,7 +265,7 @@ def report(results: dict[int, dict[str, dict[str, Any]]], args: argparse.Namespa
         "T",
         "variant",
         "req/s",
-        "ratio [range]",
+        "ratio [IQR]",
         "CPU µs/req",
         "ΔCPU µs",
         "p50 ms",
@@ -281,7 +283,7 @@ def report(results: dict[int, dict[str, dict[str, Any]]], args: argparse.Namespa
                     f"{s['rps']:.0f}",
                     "1"
                     if variant == REFERENCE
-                    else f"{s['ratio']:.3f} [{s['ratio_min']:.2f}-{s['ratio_max']:.2f}]",
+                    else f"{s['ratio']:.3f} [{s['ratio_q1']:.2f}-{s['ratio_q3']:.2f}]",
                     f"{s['cpu_us']:.0f}",
                     "0" if variant == REFERENCE else f"{s['cpu_us_diff']:+.0f}",
                     f"{s['p50_ms']:.2f}",
