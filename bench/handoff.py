@@ -161,11 +161,14 @@ class PsycopgPoolBag:
 
 
 def project_handoff(conns: Sequence[psycopg.Connection[Any]]) -> Bag | str:
-    """A bag on the project's ``Handoff``, or why there is none.
+    """A bag on the project's ``Handoff`` holding ``conns``, or why there is none.
 
-    The one place that knows ``Handoff``'s interface: adapt it here if it
-    changes (expected: ``put(item)`` gives an item, idle or to the oldest
-    waiter; ``get(timeout)`` takes one, waiting its turn).
+    The one place that knows ``Handoff``'s interface: ``Handoff(capacity)``;
+    ``take(timeout)`` returns an idle item, or ``None``, a permit to fetch
+    one while fewer than ``capacity`` are out; ``give(item)`` hands an item
+    to the longest waiting borrower, or keeps it idle.  The bag takes every
+    permit first, then gives every connection: all of them are out of the
+    source, so that ``take()`` always returns a connection.
     """
     try:
         module = importlib.import_module("django_pooled_backend.handoff")
@@ -174,20 +177,21 @@ def project_handoff(conns: Sequence[psycopg.Connection[Any]]) -> Bag | str:
     handoff_class = getattr(module, "Handoff", None)
     if handoff_class is None:
         return "django_pooled_backend.handoff has no Handoff class"
-    handoff = handoff_class()
+    handoff = handoff_class(len(conns))
+    if any(handoff.take(None) is not None for _ in conns):
+        return "Handoff.take() lent an item before any was given: its interface changed"
+    for conn in conns:
+        handoff.give(conn)
 
     class HandoffBag:
         def get(self) -> psycopg.Connection[Any]:
-            conn: psycopg.Connection[Any] = handoff.get(None)
+            conn: psycopg.Connection[Any] = handoff.take(None)
             return conn
 
         def put(self, conn: psycopg.Connection[Any]) -> None:
-            handoff.put(conn)
+            handoff.give(conn)
 
-    bag = HandoffBag()
-    for conn in conns:
-        bag.put(conn)
-    return bag
+    return HandoffBag()
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

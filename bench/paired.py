@@ -44,7 +44,10 @@ Columns: *req/s* (median over rounds), *ratio* (median of the per-round
 ratios of req/s to persistent's, with the middle half of them), *CPU
 µs/req* (CPU time of the whole process during the window, all threads,
 divided by the requests completed in it; median over rounds) and *ΔCPU*
-(median of the per-round differences to persistent's), *p50/p99 ms*
+(median of the per-round differences to persistent's), *thread CPU* and
+*Δthread* (the same for the CPU time of the requesting threads alone,
+``time.thread_time()`` around each request: without the pools' own
+threads and the coordinator), *p50/p99 ms*
 (latency of every measured request of the variant, all rounds merged),
 *per thread* (fewest-most requests completed by one thread over all measured
 windows of the variant: every thread must progress), *errors*.
@@ -247,6 +250,8 @@ class Window:
     round: int
     threads: int
     counts: list[int]
+    # CPU time of each thread in its counted requests (time.thread_time()).
+    thread_cpu: list[float]
     latencies: list[float] = field(default_factory=list)
     errors: int = 0
     seconds: float = 0.0
@@ -263,6 +268,10 @@ class Window:
     @property
     def cpu_us(self) -> float:
         return 1e6 * self.cpu / self.requests if self.requests else float("nan")
+
+    @property
+    def thread_cpu_us(self) -> float:
+        return 1e6 * sum(self.thread_cpu) / self.requests if self.requests else float("nan")
 
 
 @dataclass(frozen=True)
@@ -303,7 +312,7 @@ class Pairing:
             op = self.make_op(n)
             while not self.stop.is_set():
                 turn = self.turn
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.thread_time()
                 try:
                     op(turn.variant)
                 except Exception as exc:  # noqa: BLE001 - counted and reported
@@ -313,11 +322,12 @@ class Pairing:
                         self.first_error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                     time.sleep(0.01)
                     continue
-                t1 = time.perf_counter()
+                c1, t1 = time.thread_time(), time.perf_counter()
                 # Counted if it completes while its own variant is measured.
                 now = self.turn
                 if now.measuring and now.window is turn.window and now.window is not None:
                     now.window.counts[n] += 1
+                    now.window.thread_cpu[n] += c1 - c0
                     now.window.latencies.append(t1 - t0)
         finally:
             if self.at_exit is not None:
@@ -325,7 +335,7 @@ class Pairing:
 
     def window(self, variant: str, round_: int, seconds: float, settle: float) -> Window:
         """Switch every thread to ``variant``, let it settle, measure ``seconds``."""
-        window = Window(variant, round_, self.threads, [0] * self.threads)
+        window = Window(variant, round_, self.threads, [0] * self.threads, [0.0] * self.threads)
         self.turn = Turn(variant, window, False)
         time.sleep(settle)
         cpu0, t0 = time.process_time(), time.perf_counter()
@@ -392,6 +402,7 @@ def summarise(
     windows: Sequence[Window], variants: Sequence[str], reference: str = REFERENCE
 ) -> dict[str, dict[str, Any]]:
     """Per variant: medians over rounds, per-round ratios and differences to ``reference``."""
+    nan = float("nan")
     by_round: dict[int, dict[str, Window]] = {}
     for w in windows:
         by_round.setdefault(w.round, {})[w.variant] = w
@@ -401,18 +412,24 @@ def summarise(
         pairs = [(r[variant], r[reference]) for r in by_round.values() if variant in r]
         ratios = [a.rps / b.rps for a, b in pairs if b.rps]
         cpu_diffs = [a.cpu_us - b.cpu_us for a, b in pairs if a.requests and b.requests]
+        thread_diffs = [
+            a.thread_cpu_us - b.thread_cpu_us for a, b in pairs if a.requests and b.requests
+        ]
+        counted = [w for w in mine if w.requests]
         latencies = sorted(x for w in mine for x in w.latencies)
         per_thread = [sum(w.counts[n] for w in mine) for n in range(mine[0].threads)]
         q1, q3 = quartiles(ratios)
         result[variant] = {
             "rps": statistics.median(w.rps for w in mine),
-            "ratio": statistics.median(ratios) if ratios else float("nan"),
+            "ratio": statistics.median(ratios) if ratios else nan,
             "ratio_q1": q1,
             "ratio_q3": q3,
-            "cpu_us": statistics.median(w.cpu_us for w in mine if w.requests)
-            if any(w.requests for w in mine)
-            else float("nan"),
-            "cpu_us_diff": statistics.median(cpu_diffs) if cpu_diffs else float("nan"),
+            "cpu_us": statistics.median(w.cpu_us for w in counted) if counted else nan,
+            "cpu_us_diff": statistics.median(cpu_diffs) if cpu_diffs else nan,
+            "thread_cpu_us": statistics.median(w.thread_cpu_us for w in counted)
+            if counted
+            else nan,
+            "thread_cpu_us_diff": statistics.median(thread_diffs) if thread_diffs else nan,
             "p50_ms": 1000 * percentile(latencies, 0.50),
             "p99_ms": 1000 * percentile(latencies, 0.99),
             "thread_min": min(per_thread),
@@ -445,6 +462,8 @@ def report(results: dict[int, dict[str, dict[str, Any]]], reference: str = REFER
         "ratio [IQR]",
         "CPU µs/req",
         "ΔCPU µs",
+        "thread CPU µs",
+        "Δthread µs",
         "p50 ms",
         "p99 ms",
         "per thread",
@@ -464,6 +483,8 @@ def report(results: dict[int, dict[str, dict[str, Any]]], reference: str = REFER
                     else f"{s['ratio']:.3f} [{s['ratio_q1']:.2f}-{s['ratio_q3']:.2f}]",
                     f"{s['cpu_us']:.0f}",
                     "0" if is_reference else f"{s['cpu_us_diff']:+.1f}",
+                    f"{s['thread_cpu_us']:.0f}",
+                    "0" if is_reference else f"{s['thread_cpu_us_diff']:+.1f}",
                     f"{s['p50_ms']:.2f}",
                     f"{s['p99_ms']:.2f}",
                     f"{s['thread_min']}-{s['thread_max']}",
