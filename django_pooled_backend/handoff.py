@@ -104,6 +104,31 @@ class Handoff(Generic[T]):
             else:
                 self._idle.append(item)
 
+    def exchange(self, item: T) -> T | None:
+        """Put ``item`` back on top of the stack and take the one below it, if there is one.
+
+        For a borrower that took an item not ready yet (a connection whose
+        reset the server has not answered): another may be.
+        """
+        with self._lock:
+            if not self._idle:
+                return None
+            other = self._idle.pop()
+            self._idle.append(item)
+            return other
+
+    def reserve(self) -> bool:
+        """Take a permit without waiting, if one is left and nobody waits; else False.
+
+        For a borrower holding an item that is not ready yet, when fetching
+        another may be quicker: it gives the first back if it gets one.
+        """
+        with self._lock:
+            if self._waiters or self._out >= self.capacity:
+                return False
+            self._out += 1
+            return True
+
     def forfeit(self) -> None:
         """An item left for good (or a permit holder fetched none): one more may be fetched."""
         with self._lock:
@@ -143,6 +168,10 @@ class Handoff(Generic[T]):
                 waiter.served = True
                 self._out += 1
                 waiter.lock.release()
+
+    def would_wait(self) -> bool:
+        """Whether a borrower arriving now would wait (nothing idle, no permit left)."""
+        return not self._idle and self._out >= self.capacity
 
     @property
     def out(self) -> int:

@@ -223,6 +223,17 @@ def finish(conn: PooledConnection, pool: DjangoConnectionPool) -> None:
     pool.events.reset_done(conn)
 
 
+def answered(conn: PooledConnection) -> bool:
+    """Whether the server's answer to the reset in flight has arrived (a non-blocking read)."""
+    with conn.lock:
+        pgconn = conn.pgconn
+        try:
+            pgconn.consume_input()
+        except e.OperationalError:
+            return True  # broken: nothing more will come, the check says why
+        return not pgconn.is_busy()
+
+
 def check_lent(conn: PooledConnection, pool: DjangoConnectionPool) -> bool:
     """Whether ``conn``, about to be lent, is clean and alive; if not, it is closed.
 
@@ -264,7 +275,9 @@ def check_lent(conn: PooledConnection, pool: DjangoConnectionPool) -> bool:
             if pgconn.transaction_status == TransactionStatus.ACTIVE:
                 raise e.OperationalError("the connection is still running a query")
             pgconn.get_result()
-            raise_goodbye(conn)
+            goodbye = conn._dpb_goodbye
+            if goodbye is not None and goodbye.message is not None:
+                raise_goodbye(conn)
         if options.check == "always" or time.monotonic() - conn._dpb_last_ok > options.check_after:
             conn.execute("")
             if options.custom_check is not None:

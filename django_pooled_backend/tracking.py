@@ -110,7 +110,7 @@ def _rest(frame: FrameType | None, stack: list[Place]) -> None:
         frame = frame.f_back
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Holder:
     """One borrow of one connection."""
 
