@@ -22,7 +22,9 @@ nox.options.reuse_existing_virtualenvs = False
 
 PG15_BINDIR = os.environ.get("PGSERVER_BINDIR_15", "/usr/lib/postgresql/15/bin")
 
-# (Python, Django, psycopg and psycopg-pool, PostgreSQL)
+# (Python, Django, psycopg and psycopg-pool, PostgreSQL).  "newest": the
+# newest releases of psycopg and psycopg-pool, unpinned (pyproject.toml sets
+# no upper bound: the package uses their public APIs only).
 CELLS = [
     ("3.11", "5.2", "3.2", "18"),
     ("3.11", "5.2", "newest", "15"),

@@ -55,7 +55,8 @@ from .release import ReleasingCursorDebugWrapper, ReleasingCursorWrapper
 from .session import StatementJudge, TrackingCursor, TrackingServerBindingCursor
 
 try:
-    from .pool import DjangoConnectionPool, PooledConnection
+    from .connection import PooledConnection
+    from .pool import DjangoConnectionPool
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImproperlyConfigured(
         "django_pooled_backend requires the psycopg_pool package, which is not "
@@ -67,6 +68,24 @@ _HOSTNAME = socket.gethostname()
 # What the server says of a session a statement is done with: idle, or
 # broken (the pool discards a broken connection when it comes back).
 _RELEASABLE = frozenset({TransactionStatus.IDLE, TransactionStatus.UNKNOWN})
+
+
+class _Lease:
+    """Where a Django connection object borrows next: the pool of its last full connect().
+
+    The next ``connect()`` borrows from it directly while the settings are
+    those the pool was made for (see ``DatabaseWrapper._reconnect()``).
+    ``between_statements``: the connection went back to the pool after a
+    statement (transaction-scoped release), and the next statement borrows
+    again without connecting.
+    """
+
+    __slots__ = ("between_statements", "key", "pool")
+
+    def __init__(self, pool: DjangoConnectionPool, key: registry.PoolKey) -> None:
+        self.pool = pool
+        self.key = key
+        self.between_statements = False
 
 
 class DatabaseWrapper(postgresql.DatabaseWrapper):
@@ -82,15 +101,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     _debug_cursor_wrapper_class: type[utils.CursorDebugWrapper] = postgresql.CursorDebugWrapper
     # Whether a finished statement or transaction may give the connection back.
     _release_enabled = False
-    # Where the connection went when it went back between statements: the
-    # next statement borrows from there again without a full connect().
-    _released_from: DjangoConnectionPool | None = None
-    # The pool (and the settings, as its key) of the last full connect(),
-    # from which the next connect() borrows directly (see _reconnect()).
-    _reconnect_from: DjangoConnectionPool | None = None
-    _reconnect_key: registry.PoolKey | None = None
-    # The connection this object returned last, parked for it by the pool.
-    _parked: PooledConnection | None = None
+    # Where the next connect() borrows from without a full connect() (see
+    # _Lease), or None.
+    _lease: _Lease | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -282,11 +295,11 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             # it) replaces its connection: the old one goes back to the
             # pool, where stock Django would let it be closed.
             self._close()
-        lender = self._released_from
-        if lender is not None:
-            self._released_from = None
-            if not lender.retired:
-                self._borrow_again(lender)
+        lease = self._lease
+        if lease is not None and lease.between_statements:
+            lease.between_statements = False
+            if not lease.pool.retired:
+                self._borrow_again(lease.pool)
                 return
         releasing = self.releases_per_transaction
         # Nothing goes back while Django sets the connection up, nor while
@@ -294,12 +307,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self._release_enabled = False
         if releasing:
             self._server_cursors.clear()
-        if self._reconnect_from is None or not self._reconnect():
+        if lease is None or not self._reconnect(lease):
             super().connect()
-            if self.is_pooled and self.settings_dict["AUTOCOMMIT"]:
+            conn = self.connection
+            if self.is_pooled and conn is not None:
                 # Set up once: the next connect() of this object may be a _reconnect().
-                self._reconnect_from = self._lender
-                self._reconnect_key = self._pool_key()
+                pool = conn._dpb_pool() if conn._dpb_pool is not None else None
+                self._lease = None if pool is None else _Lease(pool, self._pool_key())
         if releasing:
             if self.connection is not None:
                 # connect() and _reconnect() sent connection_created for it.
@@ -308,7 +322,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             self._debug_cursor_wrapper_class = ReleasingCursorDebugWrapper
             self._release_enabled = True
 
-    def _reconnect(self) -> bool:
+    def _reconnect(self, lease: _Lease) -> bool:
         """connect() for a Django connection that connected in full before.
 
         What Django's ``connect()`` does on every call, less what a pooled
@@ -322,15 +336,14 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         nothing, when the settings or the pool are not those of last time:
         then the full connect() runs.
         """
-        pool = self._reconnect_from
-        assert pool is not None
+        pool = lease.pool
         if (
             pool.retired
+            or not self.settings_dict["AUTOCOMMIT"]
             or self.run_commit_hooks_on_set_autocommit_on  # set_autocommit() runs them
-            or self._pool_key() != self._reconnect_key
+            or self._pool_key() != lease.key
         ):
-            self._reconnect_from = None
-            self._parked = None  # the pool's: it closes, or lends it to others
+            self._lease = None
             return False
         sd = self.settings_dict
         # What BaseDatabaseWrapper.connect() resets, in the same order.
@@ -346,14 +359,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         self.health_check_done = True
         level = self._isolation_level_option
         self.isolation_level = level if level is not None else IsolationLevel.READ_COMMITTED
-        parked = self._parked
-        if parked is not None:
-            self._parked = None
-            self.connection = pool.unpark(parked, self)
-        else:
-            # Its parked connection was taken over: as for a take-back, the
-            # holder says where the thread is now (no walk up the stack).
-            self.connection = pool.borrow(self, locate=False)
+        # The holder says where the thread is now when asked (no walk up
+        # the stack on every request).
+        self.connection = pool.borrow(self, locate=False)
         self.autocommit = True
         if connection_created.receivers:
             connection_created.send(sender=self.__class__, connection=self)
@@ -371,14 +379,9 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         as ``django.contrib.postgres`` does, have done so before it runs a
         query for this alias).
         """
-        parked = self._parked
-        if parked is not None:
-            self._parked = None
-            # Per statement, not per request: where it was borrowed is worth
-            # recording (a thread may end holding it).
-            conn: PooledConnection = lender.unpark(parked, self, locate=True)
-        else:
-            conn = lender.borrow(self)
+        # Per statement, not per request: where it was borrowed is worth
+        # recording (a thread may end holding it).
+        conn = lender.borrow(self)
         self.connection = conn
         if not conn._dpb_announced:
             conn._dpb_announced = True
@@ -409,13 +412,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             and conn._dpb_judge is not None
             and conn.pgconn.transaction_status in _RELEASABLE
         ):
+            lease = self._lease
+            if lease is None:
+                return  # connected before the lease: stays until closed
             self.connection = None
-            self._released_from = self._lender
+            lease.between_statements = True
             with self.wrap_database_errors:
-                # Parked for this object's next statement, unless another
-                # borrower needs it first (see DjangoConnectionPool.park()).
-                if self._lender.park(conn):
-                    self._parked = conn
+                lease.pool.give_back(conn)
 
     def set_autocommit(
         self, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False
@@ -427,7 +430,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             self._release_if_idle()
 
     def get_autocommit(self) -> bool:
-        if self._released_from is not None:
+        lease = self._lease
+        if lease is not None and lease.between_statements:
             # Gone back in autocommit mode: no need to borrow to say so.
             return self.autocommit
         return super().get_autocommit()
@@ -457,7 +461,6 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         and nothing would say so.  The use after that borrows again.
         """
         self.connection = None
-        self._parked = None
         revoked = conn._dpb_revoked
         if explain and revoked is not None and revoked.lost_session_state:
             raise OperationalError(
@@ -473,7 +476,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
     def close(self) -> None:  # Django's close() is @async_unsafe
         # A connection that went back between statements is closed too: the
         # next query connects in full (and sends connection_created).
-        self._released_from = None
+        if self._lease is not None:
+            self._lease.between_statements = False
         super().close()
 
     def close_if_unusable_or_obsolete(self) -> None:
@@ -481,7 +485,8 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # Django closes what is open; a connection that went back between
         # statements counts as closed likewise, so that every request
         # starts with a full connect(), as in request-scoped release.
-        self._released_from = None
+        if self._lease is not None:
+            self._lease.between_statements = False
         conn = self.connection
         if conn is not None and getattr(conn, "_dpb_revoked", None) is not None:
             # Taken back by the pool: at a request boundary, its loss is
@@ -499,21 +504,14 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         if not self.is_pooled:
             return super().get_connection_params()
         # Computed once per pool rather than on every borrow.
-        self._lender = self._current_pool()
-        return dict(self._lender.connect_kwargs)
+        return dict(self._current_pool().connect_kwargs)
 
     def get_new_connection(self, conn_params: dict[str, Any]) -> Any:  # called by connect()
         if not self.is_pooled:
             return super().get_new_connection(conn_params)
         level = self._isolation_level_option
         self.isolation_level = level if level is not None else IsolationLevel.READ_COMMITTED
-        parked = self._parked
-        if parked is not None:
-            # Parked for this object by a pool (this one, or one since
-            # replaced: then unpark() does not find it and borrows).
-            self._parked = None
-            return self._lender.unpark(parked, self)
-        return self._lender.borrow(self)
+        return self._current_pool().borrow(self)
 
     def _set_autocommit(self, autocommit: bool) -> None:
         if self.is_pooled and getattr(self.connection, "_dpb_revoked", None) is not None:
@@ -553,17 +551,16 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             return
         # Whatever happens next, this wrapper no longer owns the connection.
         self.connection = None
+        pool = conn._dpb_pool() if conn._dpb_pool is not None else None
         with self.wrap_database_errors:
-            if self._reconnect_from is self._lender:
-                # The next connect() will be a _reconnect(): the pool keeps the
-                # connection for it, unless someone else needs it first.
-                if self._lender.park(conn):
-                    self._parked = conn
+            if pool is not None:
+                pool.give_back(conn)
             else:
-                self._lender.give_back(conn)
+                conn.close()  # its pool is gone
 
     def create_cursor(self, name: str | None = None) -> Any:
-        if self.connection is None and self._released_from is not None:
+        lease = self._lease
+        if self.connection is None and lease is not None and lease.between_statements:
             # A statement run after connecting but before this cursor (by
             # code wrapping ensure_connection(), as Django's test_utils
             # tests do) gave the connection back: borrow again.

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import re
+import time
+from typing import TYPE_CHECKING
 
 import psycopg
+
+if TYPE_CHECKING:
+    from .pool import DjangoConnectionPool
 
 
 class ConnectionFailed(psycopg.OperationalError):
@@ -77,3 +82,48 @@ def server_reason(exc: BaseException) -> str:
         if reason.startswith(severity):
             reason = reason[len(severity) :].strip()
     return reason or first
+
+
+def borrow_failure_message(pool: DjangoConnectionPool, what: str) -> str:
+    """A message for a failed borrow: what happened, the state, the holders, the fix."""
+    s = pool.state()
+    now = time.monotonic()
+    holders = sorted(list(pool.holders.values()), key=lambda h: h.since)
+    pinned = f" ({s['pinned']} pinned)" if s["pinned"] else ""
+    lines = [
+        f"Could not get a connection from the pool of database alias "
+        f"{pool.alias!r} ({pool.label}): {what}. Pool state: size {s['size']} "
+        f"of max {s['max']}, {s['lent']} lent out{pinned}, {s['idle']} idle, "
+        f"{s['waiting']} waiting."
+    ]
+    if pool.last_connect_error:
+        lines.append(f"Last connection error: {pool.last_connect_error}")
+    if holders:
+        shown = "; ".join(h.describe(now) for h in holders[:10])
+        more = f" and {len(holders) - 10} more" if len(holders) > 10 else ""
+        lines.append(f"Held by: {shown}{more}.")
+    lines.append(
+        "Raise OPTIONS['pool']['max_size'] or 'timeout', run fewer threads per "
+        "process, or find what holds connections for long (see 'leak_threshold')."
+    )
+    return "\n".join(lines)
+
+
+def connection_failed_message(
+    pool: DjangoConnectionPool, reason: str, retry_in: float | None
+) -> str:
+    """A message for a borrow that found no working connection and none could be opened."""
+    s = pool.state()
+    when = (
+        f"; this process waits for a new attempt {retry_in:.1f}s from now at the earliest"
+        if retry_in is not None
+        else ""
+    )
+    return (
+        f"{reason} (database alias {pool.alias!r}, {pool.label})\n"
+        f"The pool of database alias {pool.alias!r} has no working connection and "
+        f"could not open one: {pool.failed_attempts} attempt(s) in a row failed. "
+        f"Pool state: size {s['size']} of max {s['max']}, {s['lent']} lent out, "
+        f"{s['idle']} idle, {s['waiting']} waiting. It keeps trying in the "
+        f"background{when}.\n{advice_for(reason, pool.alias)}"
+    )

@@ -184,15 +184,13 @@ def _after_fork_in_child() -> None:
     pools = [_retire(pool) for pool in _pools.values()]
     _pools.clear()
     for pool in pools:
-        for conn in [*pool._pool, *pool.parked.values()]:
+        for conn in pool.connections():
             _detach(conn)
-        pool.parked.clear()
         # Lent-out connections: the Django connection objects holding them
         # (the forking thread's, as with gunicorn --preload or Celery
         # prefork, and other threads' that do not exist in the child) must
         # forget them, so that the child's next query opens its own.
         for holder in list(pool.holders.values()):
-            _detach(holder.conn)
             owner = None if holder.owner is None else holder.owner()
             if owner is not None and owner.connection is holder.conn:
                 owner.connection = None

@@ -23,20 +23,34 @@ by the ``SET`` statements.
 The reset costs the request no round trip: it is *sent* when the connection
 is returned and its result is *read* when the connection is next borrowed,
 by which time the server has long answered.  If the result is an error, or
-never comes, the connection is discarded, never reused.
+never comes, the connection is discarded, never reused.  One exception:
+with ``OPTIONS["prepare_threshold"]`` set, psycopg prepares statements and
+must forget them when the reset deallocates them, which it does when it
+runs the reset itself; then the reset is one round trip on return.
+
+This module is also the other end of the trip: the check a connection goes
+through when it is lent (:func:`check_lent`), which reads the reset's
+answer and finds connections the server closed while they sat idle.
 """
 
 from __future__ import annotations
 
+import logging
 import select
+import time
 from typing import TYPE_CHECKING, Any
 
 from psycopg import errors as e
 from psycopg import sql
-from psycopg.pq import ExecStatus, TransactionStatus
+from psycopg.pq import ConnStatus, ExecStatus, TransactionStatus
 
 if TYPE_CHECKING:
     from psycopg import Connection
+
+    from .connection import PooledConnection
+    from .pool import DjangoConnectionPool
+
+logger = logging.getLogger("django_pooled_backend")
 
 RESET_STATEMENTS = (
     "CLOSE ALL",
@@ -144,13 +158,141 @@ def finish_reset(conn: Connection[object], timeout: float) -> None:
         raise e.OperationalError(f"the session reset failed: {error}")
     if pgconn.transaction_status != TransactionStatus.IDLE:
         raise e.OperationalError("the session reset left the connection in a transaction")
-    # DEALLOCATE ALL dropped every prepared statement; psycopg must forget
-    # the ones it prepared itself or it would try to execute them.  (clear()
-    # also queues a DEALLOCATE ALL of its own, already done: drop it.)
-    prepared = conn._prepared
-    if prepared._names or prepared._counts:
-        prepared.clear()
-        prepared._to_flush.clear()
     # Notifications queued before UNLISTEN belong to the previous borrower.
     while pgconn.notifies() is not None:
         pass
+
+
+# -- the way back: what the pool calls ---------------------------------------
+
+
+def start_return(conn: PooledConnection, pool: DjangoConnectionPool) -> None:
+    """Make ``conn`` ready for the next borrower; close it if that fails.
+
+    Ends any transaction (rare: Django commits or rolls back its own), puts
+    the connection in autocommit at the pool's isolation level (a Django
+    connection that borrows again between statements does not set them),
+    and sends the reset unless ``reset="auto"`` and nothing may have
+    changed the session.
+    """
+    try:
+        status = conn.pgconn.transaction_status
+        if status == TransactionStatus.ACTIVE:
+            # Returned in the middle of an operation: nothing sane to do.
+            raise e.OperationalError("the connection was returned during a query")
+        if status != TransactionStatus.IDLE:
+            conn.rollback()
+        if not conn.autocommit:
+            conn.autocommit = True
+        if conn.isolation_level != pool.isolation_level:
+            conn.isolation_level = pool.isolation_level
+        mode = pool.options.reset
+        if mode == "always" or (mode == "auto" and (conn._dpb_dirty or pool.judge is None)):
+            query = pool.reset_query(conn)
+            if conn.prepare_threshold is None:
+                send_reset(conn, query)
+                conn._dpb_reset_pending = True
+            else:
+                # psycopg forgets the statements it prepared when it runs
+                # the DEALLOCATE itself (see the module's docstring).
+                forget_transaction_options(conn)
+                conn.execute(query, prepare=False)
+            pool.events.reset_started()
+        elif conn.read_only is not None or conn.deferrable is not None:
+            forget_transaction_options(conn)
+        conn._dpb_dirty = conn._dpb_stateful = False
+    except Exception as exc:  # noqa: BLE001 - any failure discards it
+        pool.events.reset_failed()
+        logger.warning(
+            "Discarding a connection of pool %r: the session reset failed (%s).", pool.name, exc
+        )
+        conn._dpb_discard_reason = f"reset failed: {exc}"
+        conn.close()
+
+
+def finish(conn: PooledConnection, pool: DjangoConnectionPool) -> None:
+    """Read the answer to the reset :func:`start_return` sent; raise if it failed."""
+    conn._dpb_reset_pending = False
+    try:
+        conn._dpb_discard_reason = "reset failed"
+        finish_reset(conn, pool.timeout)
+        conn._dpb_discard_reason = None
+    except Exception:
+        pool.events.reset_failed()
+        raise
+    pool.events.reset_done(conn)
+
+
+def answered(conn: PooledConnection) -> bool:
+    """Whether the server's answer to the reset in flight has arrived (a non-blocking read)."""
+    with conn.lock:
+        pgconn = conn.pgconn
+        try:
+            pgconn.consume_input()
+        except e.OperationalError:
+            return True  # broken: nothing more will come, the check says why
+        return not pgconn.is_busy()
+
+
+def check_lent(conn: PooledConnection, pool: DjangoConnectionPool) -> bool:
+    """Whether ``conn``, about to be lent, is clean and alive; if not, it is closed.
+
+    Finishes the reset, then checks as ``OPTIONS["pool"]["check"]`` says: a
+    connection returned less than ``check_after`` seconds ago is trusted
+    without a round trip, but what the server sent meanwhile (a FATAL
+    message, the end of the connection) is read first, at no cost.
+    """
+    options = pool.options
+    try:
+        # Under the connection's lock, as psycopg reads results: a cursor
+        # of a transaction-scoped borrower may still read this connection's
+        # parameters (see release.py).
+        with conn.lock:
+            if conn._dpb_reset_pending:
+                finish(conn, pool)
+            pgconn = conn.pgconn
+            if pgconn.status != ConnStatus.OK:
+                raise e.OperationalError("the connection is closed")
+            if options.check == "never":
+                return True
+            # A server that closed the connection (pg_terminate_backend,
+            # idle_session_timeout, shutdown) sent a FATAL message, then
+            # closed its end: reading what arrived shows either, without a
+            # round trip.  consume_input() (a non-blocking read) raises on
+            # the close; get_result() parses a message that came first,
+            # which libpq hands to the notice handlers (see Goodbye), and
+            # returns None at once on an idle connection.  Both keep the
+            # GIL in psycopg's C implementation, where poll() or notifies()
+            # release it (and with other threads running, the borrower
+            # waits to get it back).
+            try:
+                pgconn.consume_input()
+            except e.OperationalError:
+                # The goodbye may have been read already (with the reset's
+                # answer): it, not the closed socket, is why.
+                raise_goodbye(conn)
+                raise
+            if pgconn.transaction_status == TransactionStatus.ACTIVE:
+                raise e.OperationalError("the connection is still running a query")
+            pgconn.get_result()
+            goodbye = conn._dpb_goodbye
+            if goodbye is not None and goodbye.message is not None:
+                raise_goodbye(conn)
+        if options.check == "always" or time.monotonic() - conn._dpb_last_ok > options.check_after:
+            conn.execute("")
+            if options.custom_check is not None:
+                options.custom_check(conn)
+            conn._dpb_last_ok = time.monotonic()
+    except Exception as exc:  # noqa: BLE001 - whatever failed, the connection is not lent
+        reason = conn._dpb_discard_reason or "check failed"
+        conn._dpb_discard_reason = f"{reason}: {exc}"
+        conn.close()
+        return False
+    return True
+
+
+def raise_goodbye(conn: PooledConnection) -> None:
+    """Raise with what the server said before closing ``conn``, if it said anything."""
+    goodbye = conn._dpb_goodbye
+    if goodbye is not None and goodbye.message is not None:
+        raise e.OperationalError(f"the server closed the connection: {goodbye.message}")

@@ -625,8 +625,8 @@ def _dirty_call(
 
 
 def _mark(cursor: Any, query: object, with_params: bool) -> None:
-    conn = cursor._conn
-    conn._dpb_active = True  # for max_idle_lent (see DjangoConnectionPool.take_back_idle())
+    conn = cursor.connection
+    conn._dpb_active = True  # for max_idle_lent (see tracking.take_back_idle())
     if not conn._dpb_stateful:
         judge = conn._dpb_judge
         if judge is None or judge.dirties(query, with_params):

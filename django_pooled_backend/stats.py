@@ -85,14 +85,15 @@ class PoolCounters:
     """
 
     __slots__ = (
-        "_waiters_seen",
         "closed",
+        "failed",
         "leaks",
         "opened",
         "reclaims",
         "rejected",
         "resets",
         "resets_failed",
+        "served",
         "timeouts",
         "waits",
     )
@@ -106,14 +107,12 @@ class PoolCounters:
         self.closed = 0
         self.leaks = 0
         self.reclaims = 0
+        # Borrows that got a connection, and that raised.
+        self.served = 0
+        self.failed = 0
         # Seconds each recent borrow took to get its connection (queueing
         # and the borrow-time check): deque.append is atomic and O(1).
         self.waits: deque[float] = deque(maxlen=window)
-        # When the snapshots first counted each current waiter, oldest
-        # first: the pool does not record when a borrow started waiting,
-        # and recording it per borrow would cost the request path; a sample
-        # a second is precise enough for "waiting for more than N seconds".
-        self._waiters_seen: deque[float] = deque()
 
 
 # -- snapshots ---------------------------------------------------------------
@@ -270,8 +269,8 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
             ps = pool.get_stats()
             break
 
-    waiting = state["waiting"]
-    oldest_waiter = _oldest_waiter(counters, waiting, now)
+    oldest = pool.handoff.oldest_wait(now)
+    oldest_waiter = None if oldest is None else round(oldest, 3)
 
     holders = _copy(pool.holders.values())
     oldest_holder: HolderSnapshot | None = None
@@ -283,8 +282,8 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
             "where": first.where_text(),
         }
 
-    requests = ps.get("requests_num", 0)
-    errors = ps.get("requests_errors", 0)
+    served = counters.served
+    requests = served + counters.failed + state["waiting"]
     connect_errors = ps.get("connections_errors", 0)
     return {
         "alias": pool.alias,
@@ -296,11 +295,11 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
         "idle": state["idle"],
         "lent": state["lent"],
         "pinned": state["pinned"],
-        "waiting": waiting,
+        "waiting": state["waiting"],
         "oldest_waiter_s": oldest_waiter,
         "requests": requests,
-        "requests_served": max(requests - errors - waiting, 0),
-        "requests_waited": ps.get("requests_queued", 0),
+        "requests_served": served,
+        "requests_waited": pool.handoff.waited,
         "wait": summarize_waits(_copy(counters.waits)),
         "timeouts": counters.timeouts,
         "rejected": counters.rejected,
@@ -315,20 +314,6 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
         "reclaims": counters.reclaims,
         "oldest_holder": oldest_holder,
     }
-
-
-def _oldest_waiter(counters: PoolCounters, waiting: int, now: float) -> float | None:
-    """Seconds the longest current waiter has waited, as sampled by the snapshots.
-
-    The pool says how many borrows wait, not since when: a waiter first
-    counted at one snapshot is taken to have started then, and psycopg_pool
-    serves its queue in order, so the ones that left are the oldest.
-    """
-    seen = counters._waiters_seen
-    while len(seen) > waiting:
-        seen.popleft()
-    seen.extend([now] * (waiting - len(seen)))
-    return round(now - seen[0], 3) if seen else None
 
 
 def snapshot_process(

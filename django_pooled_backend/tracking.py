@@ -12,6 +12,7 @@ thread-local that was cleared).
 
 from __future__ import annotations
 
+import logging
 import os
 import site
 import sys
@@ -22,7 +23,12 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import CodeType, FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .pool import DjangoConnectionPool
+
+logger = logging.getLogger("django_pooled_backend")
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _DJANGO_DIR = os.path.dirname(os.path.abspath(sys.modules["django"].__file__ or ""))
@@ -104,7 +110,7 @@ def _rest(frame: FrameType | None, stack: list[Place]) -> None:
         frame = frame.f_back
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Holder:
     """One borrow of one connection."""
 
@@ -120,12 +126,12 @@ class Holder:
     # or, with ``where`` None, the innermost third-party frame.
     beside: Place | None = None
     warned: bool = field(default=False)
-    # False for a borrow that did not look where it came from (a thread
-    # taking back the connection it parked, see pool.py): then where_text()
-    # tells where the thread is now.
+    # False for a borrow that did not look where it came from (the first
+    # borrow of a request, see base.py): then where_text() tells where the
+    # thread is now.
     located: bool = True
     # When the housekeeping thread last saw a statement run on the
-    # connection (monotonic; see DjangoConnectionPool.take_back_idle()).
+    # connection (monotonic; see take_back_idle()).
     quiet_since: float = 0.0
     # Left unused past max_idle_lent with session state, and said so.
     idle_reported: bool = False
@@ -233,3 +239,135 @@ def _short_library(filename: str) -> str:
 def _short(filename: str) -> str:
     cwd = os.getcwd() + os.sep
     return filename[len(cwd) :] if filename.startswith(cwd) else filename
+
+
+# -- what the housekeeping thread does with the holders ----------------------
+
+
+def reclaim_orphans(pool: DjangoConnectionPool) -> int:
+    """Take back connections whose borrower can no longer use them.
+
+    A borrower is gone when its Django connection object was
+    garbage-collected, or when the thread that borrowed has ended and the
+    object is not shared with other threads (``inc_thread_sharing()``):
+    Django refuses to let another thread use it.  A shared object that is
+    still alive may be used by any thread, so its connection stays with it
+    (``max_idle_lent`` takes it back once it is left unused, see
+    :func:`take_back_idle`).
+    """
+    reclaimed = 0
+    for holder in list(pool.holders.values()):
+        why = holder.orphaned()
+        if why is None:
+            continue
+        owner = holder.owner() if holder.owner is not None else None
+        if owner is not None and owner.allow_thread_sharing:
+            continue
+        if owner is not None and owner._thread_ident != holder.thread.ident:
+            # Made by another thread, which may still use it: the connection
+            # must never reach it again once lent to others.
+            if pool.revoke(holder, f"{why} without closing it", idle_only=False):
+                reclaimed += 1
+                log_reclaim(pool, holder, why)
+            continue
+        if pool.take_from_dead(holder, why):
+            reclaimed += 1
+    return reclaimed
+
+
+def take_back_idle(pool: DjangoConnectionPool, now: float) -> int:
+    """Take back lent connections left unused outside a transaction for ``max_idle_lent``.
+
+    A thread that is not a request (an executor of ``sync_to_async``, a
+    worker loop) may keep its Django connection object, and so a
+    connection, for as long as it lives.  A statement sets the
+    connection's ``_dpb_active``; the housekeeping thread clears it and
+    notes when it last saw it set.
+
+    Only a connection whose session is as the pool lent it: one that
+    carries session state (a ``SET``, an advisory lock, a temporary table,
+    a cursor ``WITH HOLD``) is its borrower's, which may rely on it while
+    idle (a process holding an advisory lock to be the only one doing
+    something); it is reported once, not taken.
+    """
+    bound = pool.options.max_idle_lent
+    if bound is None:
+        return 0
+    taken = 0
+    for holder in list(pool.holders.values()):
+        conn = holder.conn
+        if conn._dpb_active:
+            conn._dpb_active = False
+            holder.quiet_since = now
+            continue
+        quiet = now - max(holder.since, holder.quiet_since)
+        if quiet < bound:
+            continue
+        if conn._dpb_dirty:
+            if not holder.idle_reported:
+                holder.idle_reported = True
+                logger.warning(
+                    "A connection of pool %r has been left unused outside a transaction "
+                    "by thread %s for %.1fs, but is not taken back (max_idle_lent is "
+                    "%gs): its session was changed (SET, an advisory lock, a temporary "
+                    "table...) and the thread may rely on that. Close the connection "
+                    "(django.db.connection.close()) when that state is no longer needed.",
+                    pool.name,
+                    holder.thread.name,
+                    quiet,
+                    bound,
+                )
+            continue
+        why = f"left unused outside a transaction for {quiet:.1f}s (max_idle_lent is {bound:g}s)"
+        if pool.revoke(holder, why):
+            taken += 1
+            logger.info(
+                "Took back a connection of pool %r from thread %s: %s. Its Django "
+                "connection object borrows again at its next use.",
+                pool.name,
+                holder.thread.name,
+                why,
+            )
+    return taken
+
+
+def report_leaks(pool: DjangoConnectionPool, now: float) -> int:
+    """Warn (once per borrow) about connections held past ``leak_threshold``."""
+    threshold = pool.options.leak_threshold
+    if threshold is None:
+        return 0
+    reported = 0
+    for holder in list(pool.holders.values()):
+        if holder.warned or holder.held_for(now) <= threshold:
+            continue
+        holder.warned = True
+        reported += 1
+        pool.events.leaked()
+        logger.warning(
+            "Possible connection leak in pool %r: thread %s has held a connection "
+            "for %.1fs (leak_threshold is %gs). It was borrowed at:\n%s",
+            pool.name,
+            holder.thread.name,
+            holder.held_for(now),
+            threshold,
+            holder.stack_text() or holder.where_text(),
+        )
+    return reported
+
+
+def log_reclaim(pool: DjangoConnectionPool, holder: Holder, why: str) -> None:
+    where = (
+        holder.where_text()
+        if holder.located
+        else "a place not recorded (a connection borrowed at the start of a "
+        "request; set leak_threshold to record every borrow)"
+    )
+    logger.warning(
+        "Reclaimed a connection of pool %r: %s without closing it, %.1fs after "
+        "borrowing it at %s. Close connections in threads that do not run "
+        "inside a request (django.db.connection.close()).",
+        pool.name,
+        why,
+        holder.held_for(),
+        where,
+    )

@@ -226,7 +226,7 @@ def test_profile_borrow_times_and_profiles_the_borrow_path() -> None:
         path = out.split(f"== cProfile, {strategy}: the borrow/return path")[1]
         rows = [line.split() for line in path.split("\n\n")[0].splitlines()]
         calls = {row[0]: float(row[1]) for row in rows if len(row) == 4 and ":" in row[0]}
-        assert calls["pool.py:_check_borrowed"] == 1.0, out
+        assert calls["reset.py:check_lent"] == 1.0, out
 
 
 def test_a_run_killed_with_sigterm_stops_the_pgbouncer_it_started() -> None:

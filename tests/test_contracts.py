@@ -1,7 +1,8 @@
 """The private details this backend relies on: a test fails the day they change.
 
-Django, psycopg and psycopg_pool are used through their public APIs except
-where listed here.
+psycopg and psycopg_pool are used through their public APIs only, which a
+test here checks by reading the package's source.  Django's are too, but
+for the hooks every backend overrides and what is listed here.
 
 ``DatabaseWrapper._reconnect()`` is the short path of ``connect()`` for a
 Django connection object that connected in full before: it does what
@@ -14,28 +15,31 @@ short path does not account for.
 
 from __future__ import annotations
 
+import ast
 import dis
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import psycopg_pool
-import pytest
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.postgresql.base import DatabaseWrapper as PostgreSQLWrapper
-from psycopg_pool.pool import WaitingClient
 
+import django_pooled_backend
 from django_pooled_backend import registry
 from django_pooled_backend.base import DatabaseWrapper
 
 from .conftest import Wrappers
 
+PACKAGE = Path(django_pooled_backend.__file__).parent
+
 # What Django's connect() calls, and what the short path does instead.
 CALLS_ACCOUNTED_FOR = {
     "check_settings": "checked by the first full connect(); the pool key is compared",
     "get_connection_params": "the pool keeps them; the pool key is compared",
-    "get_new_connection": "replaced by the pool's unpark() or borrow()",
+    "get_new_connection": "replaced by the pool's borrow()",
     "set_autocommit": "the pool lends every connection in autocommit (AUTOCOMMIT is on)",
     "init_connection_state": "the pool restores time zone and role on every reset",
     "send": "connection_created is sent, as Django sends it",
@@ -84,69 +88,107 @@ def test_djangos_connect_calls_nothing_the_short_path_does_not_account_for() -> 
     )
 
 
-# -- psycopg_pool and psycopg ------------------------------------------------------
-
-# ConnectionPool methods overridden by DjangoConnectionPool, with the
-# parameters it expects them to have.
-OVERRIDDEN = {
-    "_get_ready_connection": ["self", "timeout"],
-    "_connect": ["self", "timeout"],
-    "_reset_connection": ["self", "conn"],
-    "check_connection": ["conn"],
-}
-# ConnectionPool methods called, with their parameters.
-CALLED = {"_putconn": ["self", "conn", "from_getconn"], "_close_connection": ["self", "conn"]}
-# ConnectionPool instance attributes read or changed, and their types.
-ATTRIBUTES = {
-    "_pool": "deque",
-    "_waiting": "deque",
-    "_closed": "bool",
-    "_nconns": "int",
-    "_stats": "Counter",
-}
+# -- psycopg_pool and psycopg: public API only ---------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted({**OVERRIDDEN, **CALLED}))
-def test_psycopg_pool_methods_the_pool_overrides_or_calls(name: str) -> None:
-    method = getattr(psycopg_pool.ConnectionPool, name)
-    parameters = list(inspect.signature(method).parameters)
-    assert parameters == {**OVERRIDDEN, **CALLED}[name]
+def private_names_of(*classes: type) -> set[str]:
+    """The private names (one leading underscore) the classes and their instances have."""
+    names: set[str] = set()
+    for cls in classes:
+        for klass in cls.__mro__:
+            names.update(vars(klass))
+            names.update(getattr(klass, "__slots__", ()))
+            names.update(getattr(klass, "__annotations__", {}))
+    return {n for n in names if n.startswith("_") and not n.startswith("__")}
 
 
-def test_psycopg_pool_attributes_the_pool_reads(make_wrapper: Wrappers) -> None:
+def instance_private_names(make_wrapper: Wrappers) -> set[str]:
+    """Private attributes set on live instances (a pool, a connection, a cursor)."""
     wrapper = make_wrapper("contract", {"min_size": 1, "max_size": 1})
     wrapper.ensure_connection()
     (pool,) = registry.pools_for_alias("contract")
-    for name, kind in ATTRIBUTES.items():
-        assert type(getattr(pool, name)).__name__ == kind, name
-    # Taken around the queue; reentrant or not (it is not before 3.3), so
-    # never taken twice by one thread.
-    assert hasattr(pool._lock, "__enter__")
-    assert hasattr(pool._lock, "__exit__")
-    assert isinstance(psycopg_pool.ConnectionPool._REQUESTS_NUM, str)
-    assert pool._REQUESTS_NUM in pool.get_stats()
     conn = wrapper.connection
-    # Set by psycopg_pool on every connection it opens (max_lifetime); read
-    # with a default, as _created_at and the pool's _drained_at (3.3 and later).
-    assert isinstance(conn._expire_at, float)
-    # psycopg: the lock every operation of a connection takes (revoke() and
-    # the reclaim take it not to close a socket under a running query), and
-    # the prepared statements it remembers (forgotten after DEALLOCATE ALL).
-    assert hasattr(conn.lock, "acquire")
-    assert hasattr(conn.lock, "release")
-    prepared = conn._prepared
-    for name in ("_names", "_counts", "_to_flush", "clear"):
-        assert hasattr(prepared, name), name
     with conn.cursor() as cursor:
-        assert cursor._conn is conn  # how the cursor classes reach their connection
+        objects = [pool, conn, cursor, conn.pgconn, conn.info]
+        names = {n for obj in objects for n in getattr(obj, "__dict__", {})}
+    wrapper.close()
+    return {n for n in names if n.startswith("_") and not n.startswith(("__", "_dpb_"))}
+
+
+def attribute_uses(source: str) -> set[str]:
+    """Every ``x.name`` read or written in ``source``, and the names it defines itself."""
+    tree = ast.parse(source)
+    used = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    return used
+
+
+def own_names(source: str) -> set[str]:
+    """Names a module defines: ``self.x = ...``, class attributes, functions, slots."""
+    tree = ast.parse(source)
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.FunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names.add(node.value)  # __slots__ entries
+    return names
+
+
+def test_no_private_member_of_psycopg_or_psycopg_pool_is_used(make_wrapper: Wrappers) -> None:
+    """The package reads, writes, calls and overrides only public names of both.
+
+    A private name of psycopg_pool's ConnectionPool, psycopg's connection,
+    cursor, libpq wrapper or connection info, used in a module that does
+    not define that name itself, fails this test (``self._lock`` in
+    handoff.py is the hand-off's own lock, not psycopg_pool's).
+    """
+    private = private_names_of(
+        psycopg_pool.ConnectionPool,
+        psycopg.Connection,
+        psycopg.Cursor,
+        psycopg.ServerCursor,
+        type(psycopg.pq.PGconn),
+    ) | instance_private_names(make_wrapper)
+    # Django's own private hooks of its backends (_cursor, _close,
+    # _set_autocommit...) are what every backend overrides.
+    private -= private_names_of(BaseDatabaseWrapper, PostgreSQLWrapper)
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text()
+        used = (attribute_uses(source) & private) - own_names(source)
+        # Overriding a private method counts as using it.
+        overridden = {
+            node.name
+            for node in ast.walk(ast.parse(source))
+            if isinstance(node, ast.FunctionDef) and node.name in private
+        }
+        if used | overridden:
+            found[path.name] = sorted(used | overridden)
+    assert found == {}
+
+
+def test_psycopg_pool_opens_connections_with_the_connection_class_connect(
+    make_wrapper: Wrappers,
+) -> None:
+    # How a failed attempt reaches the pool (connection.py): psycopg_pool
+    # documents connection_class; that it calls its connect() is checked here.
+    wrapper = make_wrapper("contract_open", {"min_size": 1, "max_size": 1})
+    wrapper.ensure_connection()
+    (pool,) = registry.pools_for_alias("contract_open")
+    assert pool.counters.opened >= 1
+    assert wrapper.connection._dpb_pool() is pool
     wrapper.close()
 
 
-def test_psycopg_pool_waiters_can_be_failed_and_read() -> None:
-    waiter: WaitingClient[psycopg.Connection[Any]] = WaitingClient()
-    assert waiter.conn is None
-    assert waiter.error is None
-    error = psycopg.OperationalError("down")
-    assert waiter.fail(error) is True
-    assert waiter.error is error
-    assert waiter.fail(error) is False  # already failed: not accepted twice
+def test_django_thread_ident_is_where_the_reclaim_reads_it(make_wrapper: Wrappers) -> None:
+    # Django private: which thread made a connection object (tracking.reclaim_orphans()).
+    import threading
+
+    wrapper = make_wrapper("contract_ident", {"min_size": 1, "max_size": 1})
+    assert wrapper._thread_ident == threading.get_ident()

@@ -25,7 +25,7 @@ import pytest
 from django.db import OperationalError, connection, connections
 from django.test import AsyncClient
 
-from django_pooled_backend import registry
+from django_pooled_backend import registry, tracking
 from django_pooled_backend.pool import DjangoConnectionPool
 from testproject.launch import wait_for
 
@@ -62,7 +62,7 @@ def test_a_shared_object_whose_thread_ended_keeps_its_connection(make_wrapper: W
         thread.start()
         thread.join(10)
         pool = pool_of("shared_owner")
-        assert pool.reclaim_orphans() == 0
+        assert tracking.reclaim_orphans(pool) == 0
         time.sleep(0.6)  # a housekeeping tick
         assert pool.state()["lent"] == 1
         # The object is alive and shared: this thread may use it, on its own
@@ -115,7 +115,7 @@ def test_a_dead_threads_connection_is_never_taken_while_a_statement_runs_on_it(
     thread.join(10)
     pool = pool_of("running_query")
     # The borrowing thread is gone, but a statement runs: nothing is taken.
-    assert pool.reclaim_orphans() == 0
+    assert tracking.reclaim_orphans(pool) == 0
     assert pool.state()["lent"] == 1
     runner.join(10)
     assert result == [pid]  # answered: its socket was not closed under it
@@ -261,7 +261,7 @@ def test_state_lost_with_a_connection_taken_from_a_dead_borrower_is_reported_at_
     thread.join(10)
     wrapper.dec_thread_sharing()
     pool = pool_of("dead_borrower")
-    assert pool.reclaim_orphans() == 1
+    assert tracking.reclaim_orphans(pool) == 1
     wait_for(lambda: not alive(admin, pids[0]), timeout=5)  # closed, lock and all
     with pytest.raises(OperationalError) as excinfo:
         backend_pid(wrapper)
@@ -310,7 +310,7 @@ def test_max_idle_lent_none_never_takes_a_connection_back(make_wrapper: Wrappers
     with Worker(make_wrapper, "idle_never", options):
         time.sleep(1.2)
         assert pool_of("idle_never").state()["lent"] == 1
-        assert pool_of("idle_never").take_back_idle(time.monotonic() + 3600) == 0
+        assert tracking.take_back_idle(pool_of("idle_never"), time.monotonic() + 3600) == 0
 
 
 # -- async views: ORM calls in executor threads that outlive every request -------

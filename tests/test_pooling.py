@@ -392,9 +392,9 @@ def test_the_connection_given_back_last_is_lent_first(make_wrapper: Wrappers) ->
     assert pid_first != pid_second
     first.close()
     second.close()
-    # Each is parked for the object that returned it (see test_parking.py);
-    # a third borrower takes over the one given back last: the most recently
-    # used server connection serves the next requests (warm, like a
-    # persistent connection), and the other one stays idle.
+    # Both are back in the hand-off (see test_lending.py); a third borrower
+    # gets the one given back last: the most recently used server
+    # connection serves the next requests (warm, like a persistent
+    # connection), and the other one stays idle.
     third = make_wrapper("lifo", {"min_size": 2, "max_size": 2})
     assert [request_cycle(third) for _ in range(3)] == [pid_second] * 3

@@ -690,7 +690,7 @@ def test_connection_created_once_per_connect_and_for_server_connections_not_yet_
         connection_created.disconnect(receiver)
 
 
-def test_the_next_request_takes_back_its_parked_connection_without_a_full_connect(
+def test_the_next_request_borrows_again_without_a_full_connect(
     aliases: Aliases, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     alias = aliases("txn_reconnect", max_size=2)

@@ -393,7 +393,7 @@ def test_every_generated_change_runs_on_the_server_and_changes_the_state(
     cases = [case for case in CORPUS if case.change.on_server]
     failures: dict[str, str] = {}
     dsn = admin_dsn(connection.settings_dict["NAME"])
-    conn = psycopg.connect(dsn, autocommit=True)
+    conn = psycopg.connect(dsn, autocommit=True, prepare_threshold=None)
     try:
         reset_query = build_reset_query([], conn)
         clean = conn.execute(PROBE, []).fetchone()
@@ -409,11 +409,11 @@ def test_every_generated_change_runs_on_the_server_and_changes_the_state(
             except psycopg.Error as exc:
                 failures.setdefault(case.id, f"{exc}: {case.sql!r}")
                 conn.close()
-                conn = psycopg.connect(dsn, autocommit=True)
+                conn = psycopg.connect(dsn, autocommit=True, prepare_threshold=None)
                 continue
             if conn.execute(PROBE, []).fetchone() != clean:
                 conn.close()  # a state the reset does not undo: start afresh
-                conn = psycopg.connect(dsn, autocommit=True)
+                conn = psycopg.connect(dsn, autocommit=True, prepare_threshold=None)
     finally:
         conn.close()
     assert len(cases) > 4000
