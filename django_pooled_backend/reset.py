@@ -135,7 +135,11 @@ def finish_reset(conn: Connection[object], timeout: float) -> None:
     """Read the answer to :func:`send_reset`; raise if the reset did not work."""
     pgconn = conn.pgconn
     try:
-        pgconn.consume_input()
+        # Read the socket only if what arrived so far (see answered()) does
+        # not hold the whole answer: a read that finds the connection closed
+        # drops what libpq had not parsed yet, the server's reason included.
+        if pgconn.is_busy():
+            pgconn.consume_input()
         if pgconn.is_busy():
             poller = select.poll()
             poller.register(pgconn.socket, select.POLLIN)
