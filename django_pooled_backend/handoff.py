@@ -117,18 +117,6 @@ class Handoff(Generic[T]):
             self._idle.append(item)
             return other
 
-    def reserve(self) -> bool:
-        """Take a permit without waiting, if one is left and nobody waits; else False.
-
-        For a borrower holding an item that is not ready yet, when fetching
-        another may be quicker: it gives the first back if it gets one.
-        """
-        with self._lock:
-            if self._waiters or self._out >= self.capacity:
-                return False
-            self._out += 1
-            return True
-
     def forfeit(self) -> None:
         """An item left for good (or a permit holder fetched none): one more may be fetched."""
         with self._lock:

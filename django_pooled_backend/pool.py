@@ -196,9 +196,8 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             if conn._dpb_reset_pending and not reset.answered(conn):
                 # Returned a moment ago, its reset not answered yet: the
                 # one returned before it is most likely ready (this one
-                # stays on top, for the next borrow), or one idle in
-                # psycopg_pool's queue; else wait for the answer.
-                conn = handoff.exchange(conn) or self._spare(conn) or conn
+                # stays on top, for the next borrow); else wait for the answer.
+                conn = handoff.exchange(conn) or conn
             if reset.check_lent(conn, self):
                 break
             # Failed its check (closed by it): psycopg_pool replaces it.
@@ -281,22 +280,6 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         except BaseException:
             self.handoff.forfeit()
             raise
-
-    def _spare(self, busy: PooledConnection) -> PooledConnection | None:
-        """An idle connection of psycopg_pool's queue in place of ``busy``, if it has one now.
-
-        ``getconn(0)`` lends one that is idle there, or raises at once
-        without opening one.
-        """
-        if not self.handoff.reserve():
-            return None
-        try:
-            conn = self.getconn(0)
-        except Exception:  # noqa: BLE001 - none idle there (PoolTimeout) or closed
-            self.handoff.forfeit()
-            return None
-        self.handoff.give(busy)  # idle again, or to a waiter
-        return conn
 
     def _fail_fast_or_try(self, now: float) -> None:
         """A borrow while no connection works and the last attempts to open one failed.
