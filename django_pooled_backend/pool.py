@@ -128,6 +128,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         self.failed_attempts = 0
         self._failed_at = 0.0
         self._next_attempt_at = 0.0
+        self._connected_at = 0.0
         # Borrows fetching from psycopg_pool (waiting for a connection to open).
         self._fetching = 0
         # When a borrow about to wait may next look for orphans (monotonic).
@@ -263,6 +264,17 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                     try:
                         return self.getconn(min(remaining, FETCH_SLICE))
                     except PoolTimeout:
+                        # A connection that came back to the hand-off
+                        # meanwhile serves as well as a new one.
+                        conn = self.handoff.take_idle_for_permit()
+                        if conn is not None:
+                            if reset.check_lent(conn, self):
+                                return conn
+                            # Failed its check (closed): its place is this
+                            # borrow's permit again.
+                            if not conn._dpb_own:
+                                self.putconn(conn)
+                            continue
                         if (
                             self._failed_at >= fetch_started
                             and not self.holders
@@ -376,14 +388,21 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
     # -- called by the connections (see connection.py) ---------------------
 
     def connected(self, conn: PooledConnection, seconds: float) -> None:
-        """A connection attempt of psycopg_pool's succeeded."""
+        """A connection attempt succeeded."""
+        self._connected_at = time.monotonic()
         self.last_connect_error = None
         self.failed_attempts = 0
         self._live.add(conn)
         self.events.opened(conn, seconds)
 
-    def connect_failed(self, exc: BaseException) -> None:
-        """A connection attempt of psycopg_pool's failed (libpq's messages hold no password)."""
+    def connect_failed(self, exc: BaseException, started: float) -> None:
+        """A connection attempt failed (libpq's messages hold no password).
+
+        An attempt that started before one that succeeded says nothing new:
+        the server answers again.
+        """
+        if started < self._connected_at:
+            return
         self.last_connect_error = server_reason(exc)
         self.failed_attempts += 1
         self._failed_at = time.monotonic()

@@ -63,6 +63,16 @@ def test_exchange_swaps_with_the_item_below() -> None:
     assert handoff.exchange("b") is None
 
 
+def test_a_permit_holder_takes_an_item_that_came_back_for_its_permit() -> None:
+    handoff: Handoff[str] = Handoff(2)
+    assert [handoff.take(0), handoff.take(0)] == [None, None]
+    assert handoff.take_idle_for_permit() is None  # nothing idle: the permit stays
+    assert handoff.out == 2
+    handoff.give("a")
+    assert handoff.take_idle_for_permit() == "a"
+    assert handoff.out == 1  # one permit given back, "a" lent on the other
+
+
 def start_waiters(handoff: Handoff[int], count: int) -> tuple[list[threading.Thread], list[int]]:
     """``count`` threads that wait in turn, each recording its number when served."""
     served: list[int] = []
