@@ -117,7 +117,7 @@ class PooledConnection(psycopg.Connection[Any]):
             conn = super().connect(conninfo, **kwargs)
         except Exception as exc:
             if pool is not None:
-                pool.connect_failed(exc)
+                pool.connect_failed(exc, started)
             raise
         assert isinstance(conn, PooledConnection)
         if pool is not None:

@@ -117,17 +117,23 @@ class Handoff(Generic[T]):
             self._idle.append(item)
             return other
 
-    def reserve(self) -> bool:
-        """Take a permit without waiting, if one is left and nobody waits; else False.
+    def take_idle_for_permit(self) -> T | None:
+        """For a permit holder: an idle item, if one came back meanwhile, for its permit.
 
-        For a borrower holding an item that is not ready yet, when fetching
-        another may be quicker: it gives the first back if it gets one.
+        The permit goes back (to the first waiter, if any), the item is the
+        holder's.  None: nothing idle, the permit stays.
         """
         with self._lock:
-            if self._waiters or self._out >= self.capacity:
-                return False
-            self._out += 1
-            return True
+            if not self._idle:
+                return None
+            item = self._idle.pop()
+            if self._waiters:  # pragma: no cover - never with an idle item (see take())
+                waiter = self._waiters.popleft()
+                waiter.served = True
+                waiter.lock.release()
+            else:
+                self._out -= 1
+            return item
 
     def forfeit(self) -> None:
         """An item left for good (or a permit holder fetched none): one more may be fetched."""

@@ -128,6 +128,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         self.failed_attempts = 0
         self._failed_at = 0.0
         self._next_attempt_at = 0.0
+        self._connected_at = 0.0
         # Borrows fetching from psycopg_pool (waiting for a connection to open).
         self._fetching = 0
         # When a borrow about to wait may next look for orphans (monotonic).
@@ -196,9 +197,8 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             if conn._dpb_reset_pending and not reset.answered(conn):
                 # Returned a moment ago, its reset not answered yet: the
                 # one returned before it is most likely ready (this one
-                # stays on top, for the next borrow), or one idle in
-                # psycopg_pool's queue; else wait for the answer.
-                conn = handoff.exchange(conn) or self._spare(conn) or conn
+                # stays on top, for the next borrow); else wait for the answer.
+                conn = handoff.exchange(conn) or conn
             if reset.check_lent(conn, self):
                 break
             # Failed its check (closed by it): psycopg_pool replaces it.
@@ -264,6 +264,17 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                     try:
                         return self.getconn(min(remaining, FETCH_SLICE))
                     except PoolTimeout:
+                        # A connection that came back to the hand-off
+                        # meanwhile serves as well as a new one.
+                        conn = self.handoff.take_idle_for_permit()
+                        if conn is not None:
+                            if reset.check_lent(conn, self):
+                                return conn
+                            # Failed its check (closed): its place is this
+                            # borrow's permit again.
+                            if not conn._dpb_own:
+                                self.putconn(conn)
+                            continue
                         if (
                             self._failed_at >= fetch_started
                             and not self.holders
@@ -281,22 +292,6 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         except BaseException:
             self.handoff.forfeit()
             raise
-
-    def _spare(self, busy: PooledConnection) -> PooledConnection | None:
-        """An idle connection of psycopg_pool's queue in place of ``busy``, if it has one now.
-
-        ``getconn(0)`` lends one that is idle there, or raises at once
-        without opening one.
-        """
-        if not self.handoff.reserve():
-            return None
-        try:
-            conn = self.getconn(0)
-        except Exception:  # noqa: BLE001 - none idle there (PoolTimeout) or closed
-            self.handoff.forfeit()
-            return None
-        self.handoff.give(busy)  # idle again, or to a waiter
-        return conn
 
     def _fail_fast_or_try(self, now: float) -> None:
         """A borrow while no connection works and the last attempts to open one failed.
@@ -393,14 +388,21 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
     # -- called by the connections (see connection.py) ---------------------
 
     def connected(self, conn: PooledConnection, seconds: float) -> None:
-        """A connection attempt of psycopg_pool's succeeded."""
+        """A connection attempt succeeded."""
+        self._connected_at = time.monotonic()
         self.last_connect_error = None
         self.failed_attempts = 0
         self._live.add(conn)
         self.events.opened(conn, seconds)
 
-    def connect_failed(self, exc: BaseException) -> None:
-        """A connection attempt of psycopg_pool's failed (libpq's messages hold no password)."""
+    def connect_failed(self, exc: BaseException, started: float) -> None:
+        """A connection attempt failed (libpq's messages hold no password).
+
+        An attempt that started before one that succeeded says nothing new:
+        the server answers again.
+        """
+        if started < self._connected_at:
+            return
         self.last_connect_error = server_reason(exc)
         self.failed_attempts += 1
         self._failed_at = time.monotonic()

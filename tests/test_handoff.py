@@ -45,7 +45,7 @@ def test_no_more_than_capacity_is_out() -> None:
     assert handoff.out == 2
 
 
-def test_exchange_swaps_with_the_item_below_and_reserve_takes_a_spare_permit() -> None:
+def test_exchange_swaps_with_the_item_below() -> None:
     handoff: Handoff[str] = Handoff(3)
     assert [handoff.take(0), handoff.take(0)] == [None, None]
     handoff.give("a")
@@ -56,22 +56,20 @@ def test_exchange_swaps_with_the_item_below_and_reserve_takes_a_spare_permit() -
     assert handoff.exchange("b") == "a"
     assert handoff.idle() == ["b"]
     assert handoff.exchange("a") == "b"  # and back
-    # One permit left (3 - 2 out): reserved once, then none.
-    assert handoff.reserve() is True
-    assert handoff.reserve() is False
-    assert handoff.out == 3
-    handoff.forfeit()
     assert handoff.out == 2
+    # Nothing idle: nothing to exchange with.
+    assert handoff.take(0) == "a"
+    assert handoff.exchange("b") is None
 
 
-def test_reserve_refuses_while_someone_waits() -> None:
-    handoff: Handoff[int] = Handoff(2)
+def test_a_permit_holder_takes_an_item_that_came_back_for_its_permit() -> None:
+    handoff: Handoff[str] = Handoff(2)
     assert [handoff.take(0), handoff.take(0)] == [None, None]
-    threads, served = start_waiters(handoff, 1)
-    handoff.resize(3)  # the new permit goes to the waiter...
-    threads[0].join(10)
-    assert served == [0]
-    assert handoff.reserve() is False  # ...and none is left for a spare
+    assert handoff.take_idle_for_permit() is None  # nothing idle: the permit stays
+    assert handoff.out == 2
+    handoff.give("a")
+    assert handoff.take_idle_for_permit() == "a"
+    assert handoff.out == 1  # one permit given back, "a" lent on the other
 
 
 def start_waiters(handoff: Handoff[int], count: int) -> tuple[list[threading.Thread], list[int]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from typing import Any
@@ -13,7 +15,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import request_finished, request_started
 from django.db import OperationalError, connection, connections
 
-from django_pooled_backend import registry
+from django_pooled_backend import registry, reset
 from testproject.launch import wait_for
 
 from .conftest import Wrappers, only_request_mode, server_pids, timeout_while_held
@@ -392,9 +394,47 @@ def test_the_connection_given_back_last_is_lent_first(make_wrapper: Wrappers) ->
     assert pid_first != pid_second
     first.close()
     second.close()
-    # Both are back in the hand-off (see test_lending.py); a third borrower
-    # gets the one given back last: the most recently used server
+    # Both are back in the hand-off (see test_lending.py), their resets
+    # answered (a borrow passes over one whose reset is not, see
+    # test_a_connection_whose_reset_is_not_answered_gives_way); a third
+    # borrower gets the one given back last: the most recently used server
     # connection serves the next requests (warm, like a persistent
     # connection), and the other one stays idle.
+    pool = first.pool
+    assert pool is not None
     third = make_wrapper("lifo", {"min_size": 2, "max_size": 2})
-    assert [request_cycle(third) for _ in range(3)] == [pid_second] * 3
+    served = []
+    for _ in range(3):
+        wait_for(lambda: all(reset.answered(c) for c in pool.handoff.idle()), what="resets")
+        served.append(request_cycle(third))
+    assert served == [pid_second] * 3
+
+
+@only_request_mode
+def test_a_connection_whose_reset_is_not_answered_gives_way(make_wrapper: Wrappers) -> None:
+    options = {"min_size": 2, "max_size": 2}
+    first, second = make_wrapper("giveway", options), make_wrapper("giveway", options)
+    pid_first = backend_pid_of(first)
+    pid_second = backend_pid_of(second)
+    first.close()
+    pool = first.pool
+    assert pool is not None
+    wait_for(lambda: all(reset.answered(c) for c in pool.handoff.idle()), what="the reset")
+    # The server process of `second` stopped: its reset, sent when it comes
+    # back, cannot be answered.
+    os.kill(pid_second, signal.SIGSTOP)
+    try:
+        second.close()
+        assert [c.info.backend_pid for c in pool.handoff.idle()] == [pid_first, pid_second]
+        # The one given back last is on top, but not ready: the one below serves.
+        assert request_cycle(make_wrapper("giveway", options)) == pid_first
+    finally:
+        os.kill(pid_second, signal.SIGCONT)
+    assert request_cycle(make_wrapper("giveway", options)) in {pid_first, pid_second}
+
+
+def backend_pid_of(wrapper: Any) -> int:
+    with wrapper.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        (pid,) = cursor.fetchone()
+    return int(pid)
