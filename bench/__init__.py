@@ -20,6 +20,10 @@
     What the session reset costs per request.
 ``connect_failures``
     How long ``migrate`` and ``check`` take to fail on a refusing server.
+``failover``
+    How soon requests succeed again when a standby is promoted (a primary
+    and a standby of ``testproject.pgserver``), against Django's pool and
+    no pool; its load driver is what ``tests/test_failover.py`` runs.
 
 PgBouncer, when a strategy needs it, comes from ``testproject.pgbouncer``;
 the server from ``testproject.pgserver``.

@@ -31,6 +31,7 @@ from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql import base as postgresql
 from django.db.backends.postgresql.psycopg_any import IsolationLevel, is_psycopg3
 from django.db.backends.signals import connection_created
+from django.db.utils import DatabaseErrorWrapper
 from django.utils.asyncio import async_unsafe
 from django.utils.functional import cached_property
 
@@ -39,7 +40,7 @@ from . import (
     registry,
 )
 from .creation import DatabaseCreation
-from .options import PoolOptions, parse_pool_options
+from .options import PoolOptions, hosts_label, parse_pool_options, validate_hosts
 
 if not is_psycopg3:  # pragma: no cover - depends on the environment
     raise ImproperlyConfigured(
@@ -56,6 +57,7 @@ from .session import StatementJudge, TrackingCursor, TrackingServerBindingCursor
 
 try:
     from .connection import PooledConnection
+    from .failover import FailoverErrorWrapper, read_only_kwargs
     from .pool import DjangoConnectionPool
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImproperlyConfigured(
@@ -153,6 +155,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
 
     def check_settings(self) -> None:
         super().check_settings()
+        validate_hosts(self.alias, self.settings_dict)
         if not self.is_pooled:
             return
         max_age = self.settings_dict["CONN_MAX_AGE"]
@@ -212,6 +215,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         # psycopg_pool wants idle connections in autocommit; Django sets the
         # mode it wants on every borrow, as it does on every connect.
         kwargs["autocommit"] = True
+        kwargs = read_only_kwargs(kwargs, options.transaction_pooling)
         judge = None
         user_options = self.settings_dict["OPTIONS"]
         if "cursor_factory" not in user_options:
@@ -227,10 +231,7 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             "application_name", f"django_pooled_backend {self.alias} {os.getpid()}@{_HOSTNAME}"[:63]
         )
         sd = self.settings_dict
-        label = (
-            f"{sd['USER'] or '(default user)'}@{sd['HOST'] or '(default host)'}"
-            f"{':' + str(sd['PORT']) if sd['PORT'] else ''}/{kwargs.get('dbname', '')}"
-        )
+        label = hosts_label(sd, kwargs.get("dbname", ""))
         from .reset import configure_statements, startup_options
 
         role = sd["OPTIONS"].get("assume_role")
@@ -569,6 +570,13 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
             # A server-side cursor is declared WITH HOLD outside transactions.
             self.connection._dpb_dirty = True
         return super().create_cursor(name)
+
+    @cached_property
+    def wrap_database_errors(self) -> DatabaseErrorWrapper:
+        """Django's error wrapping, draining the pool on a lost server (see failover.py)."""
+        if not self.is_pooled:
+            return DatabaseErrorWrapper(self)
+        return FailoverErrorWrapper(self)
 
     def close_if_health_check_failed(self) -> None:
         if self.is_pooled:

@@ -19,7 +19,7 @@ from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
-from .options import PoolOptions, parse_pool_options
+from .options import PoolOptions, parse_pool_options, validate_hosts
 
 ENGINE = "django_pooled_backend"
 DOCS = "See the {} page of the django-pooled-backend docs."
@@ -78,6 +78,40 @@ def check_pool_options(app_configs: Any = None, **kwargs: Any) -> list[checks.Ch
                 )
             )
     return errors
+
+
+@checks.register()
+def check_hosts(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
+    """HOST/PORT lists pair, target_session_attrs is libpq's, and a host list has a target."""
+    messages: list[checks.CheckMessage] = []
+    for alias in pooled_aliases():
+        config = settings.DATABASES[alias]
+        try:
+            validate_hosts(alias, config)
+        except ImproperlyConfigured as exc:
+            messages.append(
+                checks.Error(
+                    str(exc),
+                    hint=DOCS.format("'High availability'"),
+                    id="django_pooled_backend.E007",
+                )
+            )
+            continue
+        host = str(config.get("HOST") or "")
+        if "," in host and "target_session_attrs" not in (config.get("OPTIONS") or {}):
+            messages.append(
+                checks.Warning(
+                    f"DATABASES[{alias!r}]['HOST'] lists several hosts ({host!r}) but "
+                    "OPTIONS has no 'target_session_attrs': libpq keeps the first host "
+                    "that answers, a standby as well as the primary, and after a failover "
+                    "writes would go on failing there.",
+                    hint="Set OPTIONS['target_session_attrs'] to 'read-write' for the alias "
+                    "that writes, or to 'any' to say that any host will do. "
+                    + DOCS.format("'High availability'"),
+                    id="django_pooled_backend.W007",
+                )
+            )
+    return messages
 
 
 # Keys of Django's OPTIONS["pool"] (psycopg_pool.ConnectionPool arguments)

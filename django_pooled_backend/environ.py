@@ -76,6 +76,7 @@ def register() -> None:
         refuse_misread_password(url, engine)
         config: dict[str, Any] = original(cls, url, engine=engine)
         if config.get("ENGINE") == ENGINE:
+            pair_host_ports(config, url)
             move_pool_options(config, url)
         elif config.get("ENGINE") == STOCK_ENGINE:
             refuse_pool_options(config, url)
@@ -113,6 +114,27 @@ def move_pool_options(config: dict[str, Any], url: str | ParseResult) -> None:
     parse_pool_options("", pool, where=where)
     options["pool"] = pool
     config["OPTIONS"] = options
+
+
+def pair_host_ports(config: dict[str, Any], url: str | ParseResult) -> None:
+    """Give ``PORT`` one item per host of a host list, as libpq reads the URL.
+
+    In ``postgres://db1:5433,db2/app`` db2 has the default port; django-environ
+    keeps only ``PORT=5433``, which libpq would then use for every host.
+    """
+    text = urlunparse(url) if isinstance(url, ParseResult) else str(url)
+    parts = split_userinfo(text)
+    if parts is None:
+        return
+    hosts = parts[2].split("/", 1)[0].split(",")
+    if len(hosts) < 2:
+        return
+    ports = []
+    for item in hosts:
+        rest = item.rpartition("]")[2] if item.startswith("[") else item
+        ports.append(rest.rpartition(":")[2] if ":" in rest else "")
+    if any(ports):
+        config["PORT"] = ",".join(ports)
 
 
 def refuse_pool_options(config: dict[str, Any], url: str | ParseResult) -> None:

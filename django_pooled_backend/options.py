@@ -396,3 +396,79 @@ def _suggest(key: str) -> str:
 
     match = difflib.get_close_matches(key, sorted(KNOWN_KEYS), n=1)
     return f" Did you mean {match[0]!r}?" if match else ""
+
+
+# -- several hosts (HOST "db1,db2", PORT "5432,5433") ---------------------------
+
+TARGET_SESSION_ATTRS = ("any", "read-write", "read-only", "primary", "standby", "prefer-standby")
+"""libpq's ``target_session_attrs`` values (PostgreSQL 14), which psycopg honours host by host."""
+
+# Targets that only accept a server or session that refuses writes: the
+# pool's sessions then refuse writes too (see failover.read_only_kwargs()).
+READ_ONLY_TARGETS = frozenset({"read-only", "standby", "prefer-standby"})
+
+
+def split_hosts(host: object, port: object) -> list[tuple[str, str]]:
+    """``(host, port)`` pairs of ``HOST`` and ``PORT`` as libpq pairs them.
+
+    Several hosts are separated by commas; ``PORT`` has one port for every
+    host, or one for all of them, or none (an empty item: the default port).
+    Assumes :func:`validate_hosts` found nothing wrong.
+    """
+    hosts = str(host or "").split(",")
+    ports = str(port or "").split(",") if port not in (None, "") else [""]
+    if len(ports) == 1:
+        ports = ports * len(hosts)
+    return list(zip(hosts, ports, strict=False))
+
+
+def validate_hosts(alias: str, settings_dict: Mapping[str, Any]) -> None:
+    """Refuse ``HOST``/``PORT`` lists libpq cannot pair, and unknown ``target_session_attrs``.
+
+    libpq would refuse them too, but at the first connection attempt, in a
+    background thread of the pool, with a message that names neither the
+    alias nor the setting.
+    """
+    host = settings_dict.get("HOST") or ""
+    port = settings_dict.get("PORT") or ""
+    where = f"DATABASES[{alias!r}]"
+    hosts = str(host).split(",")
+    ports = str(port).split(",") if port != "" else []
+    for item in ports:
+        if item.strip() and not item.strip().isdigit():
+            raise ImproperlyConfigured(
+                f"{where}['PORT'] is {port!r}: {item.strip()!r} is not a port number. "
+                "Use a number, or for several hosts one number per host separated by "
+                "commas, in the order of HOST (for example HOST 'db1,db2' with PORT "
+                "'5432,5433')."
+            )
+    if len(ports) > 1 and len(ports) != len(hosts):
+        raise ImproperlyConfigured(
+            f"{where}['PORT'] is {port!r}: {len(ports)} ports for the {len(hosts)} "
+            f"host(s) of HOST {host!r}. Give one port for every host, in the same order "
+            "(for example HOST 'db1,db2' with PORT '5432,5433'), or a single port that "
+            "all the hosts use."
+        )
+    options = settings_dict.get("OPTIONS") or {}
+    if "target_session_attrs" in options:
+        value = options["target_session_attrs"]
+        if value not in TARGET_SESSION_ATTRS:
+            known = ", ".join(repr(v) for v in TARGET_SESSION_ATTRS)
+            raise ImproperlyConfigured(
+                f"{where}['OPTIONS']['target_session_attrs'] is {value!r}: "
+                f"libpq knows {known}. Use 'read-write' (or 'primary') for the alias that "
+                "writes, so that a failover sends new connections to the new primary, and "
+                "'read-only' or 'standby' for a read replica."
+            )
+
+
+def hosts_label(settings_dict: Mapping[str, Any], dbname: object) -> str:
+    """``user@host:port/dbname``, every host of a list with its port: never the password."""
+    user = settings_dict.get("USER") or "(default user)"
+    host = settings_dict.get("HOST") or ""
+    port = settings_dict.get("PORT") or ""
+    if "," not in str(host):
+        return f"{user}@{host or '(default host)'}{':' + str(port) if port else ''}/{dbname}"
+    pairs = split_hosts(host, port)
+    hosts = ",".join(f"{h or '(default host)'}{':' + p if p else ''}" for h, p in pairs)
+    return f"{user}@{hosts}/{dbname}"

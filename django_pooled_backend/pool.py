@@ -34,6 +34,7 @@ from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
+from psycopg_pool.base import AttemptWithBackoff
 
 from . import reset, tracking
 from .connection import Goodbye, PooledConnection, Revoked
@@ -44,6 +45,7 @@ from .errors import (
     server_reason,
 )
 from .events import PoolEvents
+from .failover import QuickRetry
 from .handoff import Handoff, HandoffFull, HandoffTimeout
 from .options import PoolOptions
 from .session import StatementJudge
@@ -520,6 +522,10 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                     self._to_psycopg_pool(conn)
                 moved += 1
         return moved
+
+    def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
+        # A shorter back-off than psycopg_pool's (see failover.RECONNECT_DELAY).
+        super()._add_connection(attempt or QuickRetry(timeout=self.reconnect_timeout), growing)
 
     def drain(self) -> None:
         """Close every connection now idle, and every lent one when it comes back.

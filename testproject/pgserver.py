@@ -329,6 +329,181 @@ def database_url(name: str = "testproject") -> str:
     return url
 
 
+# -- a primary and a hot standby streaming from it (failover tests) ------------
+
+STANDBY_NAME = "standby1"
+"""The standby's ``application_name``, by which the primary waits for it (synchronous mode)."""
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A primary and a standby streaming from it, both on 127.0.0.1."""
+
+    primary: Server
+    standby: Server
+
+    @property
+    def host(self) -> str:
+        """``HOST`` for Django: both servers, primary first."""
+        return f"{self.primary.host},{self.standby.host}"
+
+    @property
+    def port(self) -> str:
+        """``PORT`` for Django: the ports of :attr:`host`, in the same order."""
+        return f"{self.primary.port},{self.standby.port}"
+
+
+def start_primary(data_dir: Path, bindir: Path | None = None) -> Server:
+    """Start a fresh server on ``data_dir`` that standbys can stream from.
+
+    PostgreSQL's defaults already allow it (``wal_level = replica``, ten WAL
+    senders, and initdb's pg_hba.conf lets the superuser replicate from
+    127.0.0.1); what is added keeps enough WAL for a standby made a moment
+    later.  Any earlier server on ``data_dir`` is stopped and removed.
+    """
+    data_dir = data_dir.resolve()
+    remove(data_dir)
+    bindir = bindir or default_bindir()
+    _initdb(bindir, data_dir)
+    with open(data_dir / "postgresql.conf", "a") as conf:
+        conf.write("wal_keep_size = '128MB'\n")
+    return start(data_dir, bindir)
+
+
+def start_standby(primary: Server, data_dir: Path, *, synchronous: bool = True) -> Server:
+    """Copy ``primary`` with pg_basebackup into ``data_dir`` and start it as a hot standby.
+
+    With ``synchronous`` the primary then waits for the standby to have
+    every commit before it reports the commit done (``synchronous_commit =
+    on``): a commit a client saw succeed survives the loss of the primary.
+    Returns once the standby streams (and, if synchronous, is the
+    primary's synchronous standby).
+    """
+    data_dir = data_dir.resolve()
+    remove(data_dir)
+    data_dir.mkdir(parents=True)
+    data_dir.chmod(0o700)
+    run_as = _run_as()
+    if run_as:
+        _open_up(data_dir.parent)
+        _chown_tree(data_dir)
+    result = subprocess.run(
+        [
+            str(primary.bindir / "pg_basebackup"),
+            "-D",
+            str(data_dir),
+            "-h",
+            primary.host,
+            "-p",
+            str(primary.port),
+            "-U",
+            primary.user,
+            "-X",
+            "stream",
+            "--checkpoint=fast",
+            "--no-sync",
+            "-R",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PGPASSWORD": primary.password},
+        **run_as,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"pg_basebackup failed:\n{result.stdout}\n{result.stderr}")
+    # Our own primary_conninfo (the last setting wins): one that names the
+    # standby, which synchronous_standby_names refers to.
+    conninfo = (
+        f"host={primary.host} port={primary.port} user={primary.user} "
+        f"password={primary.password} application_name={STANDBY_NAME}"
+    )
+    with open(data_dir / "postgresql.auto.conf", "a") as conf:
+        conf.write(f"primary_conninfo = '{conninfo}'\n")
+    (data_dir / "server.log").unlink(missing_ok=True)  # the primary's, copied
+    _write_state(data_dir, {"password": primary.password, "bindir": str(primary.bindir)})
+    standby = start(data_dir, primary.bindir)
+    _wait_streaming(primary, synchronous=synchronous)
+    return standby
+
+
+def _wait_streaming(primary: Server, *, synchronous: bool, timeout: float = 30.0) -> None:
+    import psycopg
+
+    with psycopg.connect(primary.dsn(), autocommit=True) as conn:
+        if synchronous:
+            conn.execute(f"ALTER SYSTEM SET synchronous_standby_names = '{STANDBY_NAME}'")
+            conn.execute("ALTER SYSTEM SET synchronous_commit = 'on'")
+            conn.execute("SELECT pg_reload_conf()")
+        wanted = "sync" if synchronous else "async"
+        deadline = time.monotonic() + timeout
+        while True:
+            row = conn.execute(
+                "SELECT state, sync_state FROM pg_stat_replication WHERE application_name = %s",
+                [STANDBY_NAME],
+            ).fetchone()
+            if row == ("streaming", wanted):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the standby does not stream ({row!r} after {timeout}s)")
+            time.sleep(0.05)
+
+
+def start_pair(base_dir: Path, bindir: Path | None = None, *, synchronous: bool = True) -> Pair:
+    """A fresh primary in ``base_dir/primary`` and its standby in ``base_dir/standby``."""
+    primary = start_primary(base_dir / "primary", bindir)
+    return Pair(primary, start_standby(primary, base_dir / "standby", synchronous=synchronous))
+
+
+def wait_replayed(pair: Pair, timeout: float = 30.0) -> None:
+    """Return once the standby has replayed everything the primary wrote so far.
+
+    A synchronous standby has every commit on disk before the primary
+    reports it, but may not have applied it yet: a read there right after a
+    write (or a connection to a database just created) can miss it.
+    """
+    import psycopg
+
+    with psycopg.connect(pair.primary.dsn(), autocommit=True) as primary:
+        (target,) = primary.execute("SELECT pg_current_wal_lsn()::text").fetchone() or ("",)
+    with psycopg.connect(pair.standby.dsn(), autocommit=True) as standby:
+        deadline = time.monotonic() + timeout
+        while True:
+            row = standby.execute(
+                "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", [target]
+            ).fetchone()
+            if row == (True,):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the standby did not replay up to {target} in {timeout}s")
+            time.sleep(0.02)
+
+
+def stop_primary(pair: Pair, mode: str = "immediate") -> None:
+    """Stop the primary as a crash would (``immediate``), or with another pg_ctl mode."""
+    stop(pair.primary.data_dir, mode=mode)
+
+
+def promote(server: Server, timeout: float = 60.0) -> None:
+    """Promote the standby ``server``; returns once it accepts writes."""
+    result = _pg_ctl(server.bindir, server.data_dir, "promote", "-w", "-t", str(int(timeout)))
+    if result.returncode != 0:
+        raise RuntimeError(f"pg_ctl promote failed:\n{result.stdout}\n{result.stderr}")
+
+
+def stop_pair(pair: Pair) -> None:
+    """Stop both servers (whichever still run) and remove their data directories."""
+    for server in (pair.standby, pair.primary):
+        remove(server.data_dir)
+
+
+def remove(data_dir: Path) -> None:
+    """Stop the server on ``data_dir`` if it runs, then delete its files."""
+    data_dir = data_dir.resolve()
+    stop(data_dir, mode="immediate")
+    shutil.rmtree(data_dir, ignore_errors=True)
+    (data_dir.parent / f"{data_dir.name}.{STATE_FILE}").unlink(missing_ok=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testproject.pgserver")
     parser.add_argument("action", choices=["start", "stop", "url", "status"])

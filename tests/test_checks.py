@@ -264,3 +264,18 @@ def test_pool_parameters_on_django_s_own_backend_are_an_error() -> None:
     # Django's own pool ("pool") is not ours to judge.
     own_pool = database(ENGINE="django.db.backends.postgresql", OPTIONS={"pool": True})
     assert all_messages(default=database(), other=own_pool) == []
+
+
+def test_host_lists_that_do_not_pair_are_an_error_and_a_list_without_a_target_a_warning() -> None:
+    unpaired = database(HOST="db1,db2", PORT="5432,5433,5434")
+    untargeted = database(HOST="db1,db2", PORT="5432,5433")
+    targeted = database(HOST="db1,db2", PORT="5432", OPTIONS={"target_session_attrs": "read-write"})
+    misspelled = database(HOST="db1,db2", OPTIONS={"target_session_attrs": "primary-only"})
+    assert run(checks.check_hosts, default=unpaired) == ["django_pooled_backend.E007"]
+    assert run(checks.check_hosts, default=untargeted) == ["django_pooled_backend.W007"]
+    assert run(checks.check_hosts, default=targeted) == []
+    assert run(checks.check_hosts, default=misspelled) == ["django_pooled_backend.E007"]
+    with override_settings(DATABASES={"default": untargeted}):
+        (message,) = checks.check_hosts()
+    assert "'db1,db2'" in message.msg
+    assert "'read-write'" in (message.hint or "")
