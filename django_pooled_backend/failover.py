@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from django.db.utils import DatabaseError, DatabaseErrorWrapper
-from psycopg_pool.base import AttemptWithBackoff
 
 from .options import READ_ONLY_TARGETS
 
@@ -67,31 +65,6 @@ def is_connection_lost(exc: BaseException | None, conn: Any = None) -> bool:
         except Exception:  # noqa: BLE001 - a connection that cannot say is not proof
             return False
     return False
-
-
-RECONNECT_DELAY = (0.1, 0.5)
-"""The first and the longest wait (seconds) between two attempts to replace a connection.
-
-psycopg_pool waits 1 second after a failed attempt, then doubles the wait
-up to ``reconnect_timeout``: after a failover of a few seconds its next
-attempt may come seconds after the new primary accepts writes.  Capped at
-half a second, the pool is back within about that long; each of the pool's
-``max_size`` slots then costs the server (or the standby that refuses it for
-``target_session_attrs``) two connection attempts a second while it is
-down.
-"""
-
-
-class QuickRetry(AttemptWithBackoff):
-    """psycopg_pool's reconnection back-off, starting and capped at :data:`RECONNECT_DELAY`."""
-
-    INITIAL_DELAY = RECONNECT_DELAY[0]
-
-    def update_delay(self, now: float) -> None:
-        super().update_delay(now)
-        longest = RECONNECT_DELAY[1] * (1 + random.uniform(-self.DELAY_JITTER, self.DELAY_JITTER))
-        # Never past give_up_at, which the parent has already applied.
-        self.delay = min(self.delay, longest)
 
 
 READ_ONLY_SQL_TRANSACTION = "25006"
@@ -150,17 +123,13 @@ def drain_after_loss(wrapper: Any, conn: Any, exc: BaseException | None) -> bool
     ref = getattr(conn, "_dpb_pool", None)
     if ref is not None:
         pool = ref()
-    if pool is None:
-        pool = getattr(wrapper, "_lender", None)
-    if pool is None or getattr(pool, "_closed", True):
+    if pool is None or pool.closed:
         return False
     with _drain_lock:
         # One drain per loss: the other connections that fail next were
         # opened before it and are closed already, or will be when they
         # come back; draining again would close the new connections too.
-        # The pool's own opening time, else psycopg_pool's.
-        created = getattr(conn, "_dpb_created_at", None) or getattr(conn, "_created_at", None)
-        if created is not None and created <= pool._drained_at:
+        if pool.drained_since(conn):
             return False
         pool.drain()
     logger.warning(

@@ -34,7 +34,6 @@ from typing import Any
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
-from psycopg_pool.base import AttemptWithBackoff
 
 from . import reset, tracking
 from .connection import Goodbye, PooledConnection, Revoked
@@ -45,7 +44,6 @@ from .errors import (
     server_reason,
 )
 from .events import PoolEvents
-from .failover import QuickRetry
 from .handoff import Handoff, HandoffFull, HandoffTimeout
 from .options import PoolOptions
 from .session import StatementJudge
@@ -62,7 +60,7 @@ psycopg_pool's queue, where ``max_idle`` closes the surplus and ``check()``
 sees it.
 """
 
-RETRY_BACKOFF = (0.25, 1.0)
+RETRY_BACKOFF = (0.1, 0.5)
 """While no connection works and attempts to open one fail: the first and the longest
 wait (seconds) before a borrow may wait for a new attempt rather than fail at once
 with the last attempt's reason (see ``DjangoConnectionPool.borrow()``).
@@ -70,6 +68,15 @@ with the last attempt's reason (see ``DjangoConnectionPool.borrow()``).
 Short, so that the pool connects again within a second of the server's return;
 long enough that a burst of requests against a server that is down makes a
 few attempts a second, not one per request.
+"""
+
+RECOVERING = 10.0
+"""For how long (seconds) after a failed attempt, once the server answers again, a borrow
+that psycopg_pool does not serve within ``FETCH_SLICE`` opens a connection itself.
+
+psycopg_pool's own attempts are then still spaced by its back-off; the
+connections the pool opened itself go back (closed) as soon as psycopg_pool
+has idle ones of its own (see ``give_back()``).
 """
 
 FETCH_SLICE = 0.1
@@ -236,7 +243,10 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             or conn._dpb_expire_at <= now
             or conn._dpb_created_at <= self._drained_at
             or self.closed
+            or (conn._dpb_own and ConnectionPool.get_stats(self).get("pool_available", 0))
         ):
+            # Also a connection the pool opened itself, once psycopg_pool
+            # has one idle to take its place.
             self._to_psycopg_pool(conn)
         else:
             self.handoff.give(conn)
@@ -277,6 +287,14 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                             if not conn._dpb_own:
                                 self.putconn(conn)
                             continue
+                        if (
+                            self._connected_at > self._failed_at > 0.0
+                            and time.monotonic() - self._failed_at < RECOVERING
+                        ):
+                            # The server answers again, but psycopg_pool
+                            # waits out its back-off (1, 2, 4... seconds)
+                            # before its next attempt: connect now.
+                            return self._open_own()
                         if (
                             self._failed_at >= fetch_started
                             and not self.holders
@@ -523,10 +541,6 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
                 moved += 1
         return moved
 
-    def _add_connection(self, attempt: AttemptWithBackoff | None, growing: bool = False) -> None:
-        # A shorter back-off than psycopg_pool's (see failover.RECONNECT_DELAY).
-        super()._add_connection(attempt or QuickRetry(timeout=self.reconnect_timeout), growing)
-
     def drain(self) -> None:
         """Close every connection now idle, and every lent one when it comes back.
 
@@ -542,6 +556,10 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             super().drain()
         # Before 3.3, the idle connections of psycopg_pool's queue are
         # discarded when fetched (see _check_fetched()).
+
+    def drained_since(self, conn: PooledConnection) -> bool:
+        """Whether ``conn`` was opened before the last :meth:`drain` (and so is on its way out)."""
+        return conn._dpb_created_at <= self._drained_at
 
     def resize(self, min_size: int, max_size: int | None = None) -> None:
         super().resize(min_size, max_size)
