@@ -74,6 +74,10 @@ class PooledConnection(psycopg.Connection[Any]):
     # Judges the statements run on this connection (None: every one dirties).
     _dpb_judge: StatementJudge | None = None
 
+    # The server it was last seen on (failover.ServerInfo; see
+    # failover.server_of_unused()), for poolstats and the metrics.
+    _dpb_server: Any = None
+
     # -- the return path and the borrow-time check (see reset.py) ------------
     # Time (monotonic) the connection was last returned or checked.
     _dpb_last_ok: float = 0.0

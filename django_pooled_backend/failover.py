@@ -18,7 +18,6 @@ SQLSTATE at all).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import threading
 from collections.abc import Callable
@@ -234,8 +233,7 @@ def server_of_unused(conn: Any) -> ServerInfo | None:
         server = server_of(conn)
     finally:
         conn.lock.release()
-    with contextlib.suppress(AttributeError):  # a connection class with __slots__
-        conn._dpb_server = server
+    conn._dpb_server = server
     return server
 
 
@@ -246,11 +244,7 @@ def pool_servers(pool: Any) -> list[dict[str, Any]]:
     by address; a connection busy with a statement whose server was never
     read counts under host ``(busy)``.
     """
-    connections = getattr(pool, "connections", None)
-    if callable(connections):
-        conns = list(connections())
-    else:
-        conns = [*pool.idle_connections(), *(h.conn for h in list(pool.holders.values()))]
+    conns = pool.connections()
     unknown = ServerInfo(host="(busy)", port=None, primary=None, read_only=None)
     return list(servers_of(conns, lambda c: server_of_unused(c) or unknown).values())
 

@@ -260,6 +260,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str) 
     ]
 
 
+def _address(server: Any) -> str:
+    port = server.get("port")
+    return f"{server['host']}:{port}" if port is not None else str(server["host"])
+
+
 def render_text(report: Report, max_wait: float = DEFAULT_MAX_WAIT) -> str:
     """The human view: pools now, requests, connections, then stale processes and problems."""
     if not report.live and not report.stale:
@@ -318,6 +323,19 @@ def render_text(report: Report, max_wait: float = DEFAULT_MAX_WAIT) -> str:
             )
     headers = ["PID", "PROGRAM", "ALIAS", "UPDATED", "SIZE", "MIN", "MAX", "LENT", "PINNED"]
     lines += table([*headers, "IDLE", "WAITING", "OLDEST HOLDER"], now_rows, "lllrrrrrrrrl")
+
+    server_rows = [
+        [p.snapshot["pid"], pool["alias"], _address(server), server["role"], server["connections"]]
+        for p, pool in rows
+        for server in pool.get("servers", [])
+    ]
+    # Shown for pools on more than one server or on a standby; a connection
+    # whose server is not known yet (busy since it was opened) does not count.
+    known = [[s for s in pool.get("servers", []) if s["role"] != "unknown"] for _, pool in rows]
+    several = any(len(k) > 1 or any(s["role"] == "standby" for s in k) for k in known)
+    if several:
+        lines += ["", "Servers (which server each connection is on)"]
+        lines += table(["PID", "ALIAS", "SERVER", "ROLE", "CONNECTIONS"], server_rows, "llllr")
 
     lines += ["", f"Requests (wait: time to get a connection, last {WAIT_WINDOW} borrows, ms)"]
     req_rows: list[list[object]] = []

@@ -122,9 +122,14 @@ class PoolCollector(Collector):
             "How long the longest current borrower has held its connection (0: none).",
             labels=list(POOL_LABELS),
         )
+        servers = GaugeMetricFamily(
+            PREFIX + "server_connections",
+            "Connections of the pool on each server (host:port, primary or standby).",
+            labels=[*POOL_LABELS, "server", "role"],
+        )
         waiter = GaugeMetricFamily(
             PREFIX + "oldest_waiter_seconds",
-            "How long the longest current waiter has waited, sampled (0: none).",
+            "How long the longest current waiter has waited (0: none).",
             labels=list(POOL_LABELS),
         )
         for p, pool in rows:
@@ -135,7 +140,13 @@ class PoolCollector(Collector):
             oldest = pool["oldest_holder"]
             holder.add_metric(_labels(p, pool), oldest["held_s"] if oldest else 0)
             waiter.add_metric(_labels(p, pool), pool["oldest_waiter_s"] or 0)
-        yield from (wait, holder, waiter)
+            for server in pool.get("servers", []):
+                port = server["port"]
+                address = server["host"] if port is None else f"{server['host']}:{port}"
+                servers.add_metric(
+                    [*_labels(p, pool), address, server["role"]], server["connections"]
+                )
+        yield from (wait, holder, waiter, servers)
 
 
 def _labels(published: stats.Published, pool: stats.PoolSnapshot) -> list[str]:

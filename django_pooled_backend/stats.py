@@ -43,10 +43,12 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, cast
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+
+from . import failover
 
 if TYPE_CHECKING:
     from .pool import DjangoConnectionPool
@@ -132,6 +134,15 @@ class HolderSnapshot(TypedDict):
     where: str
 
 
+class ServerSnapshot(TypedDict):
+    """How many of a pool's connections are on one server (see failover.pool_servers())."""
+
+    host: str
+    port: int | None
+    role: str
+    connections: int
+
+
 class PoolSnapshot(TypedDict):
     alias: str
     name: str
@@ -159,6 +170,7 @@ class PoolSnapshot(TypedDict):
     leaks: int
     reclaims: int
     oldest_holder: HolderSnapshot | None
+    servers: list[ServerSnapshot]
 
 
 class PoolMetric(NamedTuple):
@@ -313,6 +325,7 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
         "leaks": counters.leaks,
         "reclaims": counters.reclaims,
         "oldest_holder": oldest_holder,
+        "servers": cast(list[ServerSnapshot], failover.pool_servers(pool)),
     }
 
 

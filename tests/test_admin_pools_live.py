@@ -25,6 +25,7 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from django_pooled_backend import stats
@@ -253,6 +254,12 @@ def test_staff_see_every_worker_pool_as_poolstats_reports_it(browser: Any, serve
                 )
 
             assert {pid for _alias, pid in shown} == {str(pid) for pid in workers} | {"total"}
+            # Which server the connections are on, and its role.
+            on = browser.find_element("css selector", "[data-alias=default] .pools-servers").text
+            address = "{host}:{port}".format(
+                **psycopg.conninfo.conninfo_to_dict(server.env["DATABASE_URL"])
+            )
+            assert on.startswith(f"{address} primary "), on
             assert shown[("default", "total")]["lent"] == str(HELD)
             assert shown[("default", "total")]["max_size"] == str(2 * MAX_SIZE)
             assert "2 processes on" in page["status"]

@@ -253,10 +253,33 @@ def test_poolstats_shows_the_primary_and_the_replica_pools_with_their_hosts(
     }
     for alias, listed in hosts.items():
         assert targets[alias] == f"postgres@{listed}/{DB}"
+    # Which server each pool's connections are on, and its role.
+    servers = {
+        pool["alias"]: [(s["host"], s["port"], s["role"]) for s in pool["servers"]]
+        for pool in mine["pools"]
+    }
+    assert servers["ha_primary"] == [("127.0.0.1", pair.primary.port, "primary")]
+    assert servers["ha_replica"] == [("127.0.0.1", pair.standby.port, "standby")]
+    counts = {pool["alias"]: pool["servers"][0]["connections"] for pool in mine["pools"]}
     text = StringIO()
     call_command("poolstats", stdout=text)
     assert "ha_primary" in text.getvalue()
     assert "ha_replica" in text.getvalue()
+    section = text.getvalue().split("Servers (which server each connection is on)\n")[1]
+    rows = [line.split() for line in section.split("\n\n")[0].splitlines()[1:]]
+    pid = str(os.getpid())
+    for alias, server, role in [
+        ("ha_primary", pair.primary, "primary"),
+        ("ha_replica", pair.standby, "standby"),
+    ]:
+        assert [pid, alias, f"127.0.0.1:{server.port}", role, str(counts[alias])] in rows
+    metrics = StringIO()
+    call_command("poolstats", "--prometheus", stdout=metrics)
+    assert (
+        f'django_pooled_backend_server_connections{{alias="ha_replica",host="{stats.HOSTNAME}",'
+        f'pid="{pid}",role="standby",server="127.0.0.1:{pair.standby.port}"}} '
+        f"{float(counts['ha_replica'])}"
+    ) in metrics.getvalue()
 
 
 def test_pool_servers_counts_idle_and_lent_connections_per_server_and_role(

@@ -380,10 +380,25 @@
 
   // -- the page -------------------------------------------------------------------
 
+  // Which servers the connections of an alias are on, over every process:
+  // "127.0.0.1:5432 primary 8".
+  function servers(rows) {
+    const counts = new Map();
+    rows.forEach(({ pool }) => {
+      (pool.servers || []).forEach((server) => {
+        const address = server.port === null ? server.host : server.host + ":" + server.port;
+        const key = address + " " + server.role;
+        counts.set(key, (counts.get(key) || 0) + server.connections);
+      });
+    });
+    return Array.from(counts.entries()).map(([key, n]) => key + " " + n).join(", ");
+  }
+
   function aliasSection(aliasName, rows, total, now, waitWindow) {
     const heading = el("h2", {}, [
       "Alias " + aliasName,
       el("span", { className: "pools-target", text: rows[0].pool.target }),
+      el("span", { className: "pools-servers", text: servers(rows) }),
     ]);
     const poolRows = rows.map(({ process, pool }) =>
       poolRow(process.pid, "pid " + process.pid,
