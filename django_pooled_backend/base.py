@@ -53,6 +53,7 @@ import psycopg.sql
 from psycopg.pq import TransactionStatus
 
 from .release import ReleasingCursorDebugWrapper, ReleasingCursorWrapper
+from .reset import configure_statements, startup_options
 from .session import StatementJudge, TrackingCursor, TrackingServerBindingCursor
 
 try:
@@ -232,8 +233,6 @@ class DatabaseWrapper(postgresql.DatabaseWrapper):
         )
         sd = self.settings_dict
         label = hosts_label(sd, kwargs.get("dbname", ""))
-        from .reset import configure_statements, startup_options
-
         role = sd["OPTIONS"].get("assume_role")
         if not options.transaction_pooling:
             # The time zone as a session default, which the reset keeps: no

@@ -20,6 +20,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
 from .options import PoolOptions, parse_pool_options, validate_hosts
+from .stats import configured_directory, configured_interval
 
 ENGINE = "django_pooled_backend"
 DOCS = "See the {} page of the django-pooled-backend docs."
@@ -406,8 +407,6 @@ def server_capacity_messages(
 @checks.register()
 def check_stats_settings(app_configs: Any = None, **kwargs: Any) -> list[checks.CheckMessage]:
     """POOLED_BACKEND_STATS_DIR and POOLED_BACKEND_STATS_INTERVAL have usable values."""
-    from .stats import configured_directory, configured_interval
-
     errors: list[checks.CheckMessage] = []
     for read in (configured_directory, configured_interval):
         try:

@@ -35,7 +35,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout, TooManyRequests
 
-from . import reset, tracking
+from . import registry, reset, tracking
 from .connection import Goodbye, PooledConnection, Revoked
 from .errors import (
     ConnectionFailed,
@@ -518,8 +518,6 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         # A weakref callback: it may run inside the garbage collector, at
         # any point of any thread (even one holding a lock of the pool's),
         # so it only asks the housekeeping thread to look.
-        from . import registry
-
         registry.wake_housekeeper()
 
     # -- housekeeping ------------------------------------------------------

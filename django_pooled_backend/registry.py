@@ -197,5 +197,6 @@ def _after_fork_in_child() -> None:
         _abandoned.append(pool)
 
 
+stats.use_pools(all_pools)
 os.register_at_fork(after_in_child=_after_fork_in_child)
 atexit.register(close_all)

@@ -19,6 +19,7 @@ import psycopg
 from django.db import connections
 from django.db.backends.postgresql import base as postgresql
 
+from .poolstats import table
 from .stats import HOSTNAME, SCHEMA, pid_alive
 
 APPLICATION_NAME = "poolstats (django_pooled_backend)"
@@ -215,8 +216,6 @@ def render_json(views: list[ServerView]) -> str:
 
 def render_text(views: list[ServerView]) -> str:
     """One section per server: limits and headroom, then connections per process."""
-    from .poolstats import table
-
     lines: list[str] = []
     for view in views:
         if lines:

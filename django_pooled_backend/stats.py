@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, cast
@@ -669,9 +670,7 @@ class Publisher:
 
     def publish(self) -> None:
         """Write (or, with no open pool left, remove) this process' snapshot."""
-        from . import registry
-
-        pools = [pool for pool in registry.all_pools() if not pool.closed]
+        pools = [pool for pool in _pool_source() if not pool.closed]
         with self._lock:
             if not pools:
                 remove_snapshot(self.directory)
@@ -704,6 +703,21 @@ class Publisher:
 
 _publisher: Publisher | None = None
 _publisher_lock = threading.Lock()
+
+
+def _no_pools() -> list[DjangoConnectionPool]:
+    return []
+
+
+# Where the publisher finds this process' pools: the registry says, when it
+# is imported (see use_pools()); stats.py imports nothing of the pool side.
+_pool_source: Callable[[], list[DjangoConnectionPool]] = _no_pools
+
+
+def use_pools(source: Callable[[], list[DjangoConnectionPool]]) -> None:
+    """Publish the pools ``source`` returns (the registry's, see registry.py)."""
+    global _pool_source
+    _pool_source = source
 
 
 def start_publishing() -> None:

@@ -192,3 +192,21 @@ def test_django_thread_ident_is_where_the_reclaim_reads_it(make_wrapper: Wrapper
 
     wrapper = make_wrapper("contract_ident", {"min_size": 1, "max_size": 1})
     assert wrapper._thread_ident == threading.get_ident()
+
+
+def test_no_module_of_the_package_imports_another_inside_a_function() -> None:
+    """No import cycle hidden in a function: every module imports the others at its top.
+
+    ``apps.py`` excepted: ``AppConfig.ready()`` is where Django wants the
+    system checks imported.
+    """
+    hidden = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "apps.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                for inner in ast.walk(node):
+                    if isinstance(inner, ast.ImportFrom) and inner.level > 0:
+                        hidden.setdefault(path.name, []).append(inner.module or ".")
+    assert hidden == {}
