@@ -360,6 +360,10 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
     def _to_psycopg_pool(self, conn: PooledConnection) -> None:
         """Give ``conn`` to psycopg_pool (which closes, replaces or keeps it); free its place."""
         try:
+            if not conn.closed and self.drained_since(conn):
+                # psycopg_pool before 3.3 has no drain(): it would keep it.
+                conn._dpb_discard_reason = "drained"
+                conn.close()
             if conn._dpb_own:
                 conn.close()  # not psycopg_pool's to take
             else:
@@ -552,8 +556,24 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
             self._to_psycopg_pool(conn)
         if hasattr(ConnectionPool, "drain"):  # psycopg_pool >= 3.3
             super().drain()
-        # Before 3.3, the idle connections of psycopg_pool's queue are
-        # discarded when fetched (see _check_fetched()).
+        else:
+            # psycopg_pool's check() replaces the idle connections of its
+            # queue that fail check_connection(): those opened before now.
+            self.check()
+
+    def check_connection(self, conn: PooledConnection) -> None:  # type: ignore[override]
+        """What psycopg_pool's ``check()`` runs on each idle connection of its queue.
+
+        A connection opened before :meth:`drain` fails it (psycopg_pool then
+        closes and replaces it); others get psycopg_pool's own check.
+        """
+        if self.drained_since(conn):
+            # Closed here: psycopg_pool 3.2 replaces a connection that fails
+            # this check without closing it.
+            conn._dpb_discard_reason = "drained"
+            conn.close()
+            raise psycopg.OperationalError("opened before drain()")
+        ConnectionPool.check_connection(conn)
 
     def drained_since(self, conn: PooledConnection) -> bool:
         """Whether ``conn`` was opened before the last :meth:`drain` (and so is on its way out)."""

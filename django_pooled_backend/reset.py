@@ -26,7 +26,8 @@ by which time the server has long answered.  If the result is an error, or
 never comes, the connection is discarded, never reused.  One exception:
 with ``OPTIONS["prepare_threshold"]`` set, psycopg prepares statements and
 must forget them when the reset deallocates them, which it does when it
-runs the reset itself; then the reset is one round trip on return.
+sees a ``ROLLBACK`` go through it; then the reset is run through psycopg,
+followed by ``BEGIN; ROLLBACK``: two round trips on return.
 
 This module is also the other end of the trip: the check a connection goes
 through when it is lent (:func:`check_lent`), which reads the reset's
@@ -197,10 +198,12 @@ def start_return(conn: PooledConnection, pool: DjangoConnectionPool) -> None:
                 send_reset(conn, query)
                 conn._dpb_reset_pending = True
             else:
-                # psycopg forgets the statements it prepared when it runs
-                # the DEALLOCATE itself (see the module's docstring).
+                # psycopg forgets the statements it prepared when it sees a
+                # ROLLBACK (psycopg 3.2 and later; 3.3 also on the reset's
+                # DISCARD ALL or DEALLOCATE ALL): see the module's docstring.
                 forget_transaction_options(conn)
                 conn.execute(query, prepare=False)
+                conn.execute("BEGIN; ROLLBACK", prepare=False)
             pool.events.reset_started()
         elif conn.read_only is not None or conn.deferrable is not None:
             forget_transaction_options(conn)
