@@ -295,8 +295,8 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
             "where": first.where_text(),
         }
 
-    served = counters.served
-    requests = served + counters.failed + state["waiting"]
+    # The pool's get_stats() counts every borrow (see DjangoConnectionPool.get_stats()).
+    requests = ps.get("requests_num", 0)
     connect_errors = ps.get("connections_errors", 0)
     return {
         "alias": pool.alias,
@@ -311,8 +311,8 @@ def snapshot_pool(pool: DjangoConnectionPool, now: float | None = None) -> PoolS
         "waiting": state["waiting"],
         "oldest_waiter_s": oldest_waiter,
         "requests": requests,
-        "requests_served": served,
-        "requests_waited": pool.handoff.waited,
+        "requests_served": counters.served,
+        "requests_waited": ps.get("requests_queued", 0),
         "wait": summarize_waits(_copy(counters.waits)),
         "timeouts": counters.timeouts,
         "rejected": counters.rejected,
