@@ -360,10 +360,8 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
     def _to_psycopg_pool(self, conn: PooledConnection) -> None:
         """Give ``conn`` to psycopg_pool (which closes, replaces or keeps it); free its place."""
         try:
-            if not conn.closed and self.drained_since(conn):
-                # psycopg_pool before 3.3 has no drain(): it would keep it.
-                conn._dpb_discard_reason = "drained"
-                conn.close()
+            # psycopg_pool before 3.3 has no drain(): it would keep it.
+            self._close_if_drained(conn)
             if conn._dpb_own:
                 conn.close()  # not psycopg_pool's to take
             else:
@@ -403,8 +401,7 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
     def _check_fetched(self, conn: PooledConnection) -> None:
         # psycopg_pool's check callback, for a connection from its queue:
         # raising makes it discard the connection and try another.
-        if conn._dpb_created_at <= self._drained_at:
-            conn._dpb_discard_reason = "drained"
+        if self._close_if_drained(conn):
             raise psycopg.OperationalError("opened before drain()")
         if not reset.check_lent(conn, self):
             raise psycopg.OperationalError(conn._dpb_discard_reason or "check failed")
@@ -567,13 +564,20 @@ class DjangoConnectionPool(ConnectionPool[PooledConnection]):
         A connection opened before :meth:`drain` fails it (psycopg_pool then
         closes and replaces it); others get psycopg_pool's own check.
         """
-        if self.drained_since(conn):
-            # Closed here: psycopg_pool 3.2 replaces a connection that fails
-            # this check without closing it.
-            conn._dpb_discard_reason = "drained"
-            conn.close()
+        # Closed, not only refused: psycopg_pool 3.2 replaces a connection
+        # that fails this check without closing it.
+        if self._close_if_drained(conn):
             raise psycopg.OperationalError("opened before drain()")
         ConnectionPool.check_connection(conn)
+
+    def _close_if_drained(self, conn: PooledConnection) -> bool:
+        """Close ``conn`` if it was opened before the last :meth:`drain`; whether it was."""
+        if not self.drained_since(conn):
+            return False
+        if not conn.closed:
+            conn._dpb_discard_reason = "drained"
+            conn.close()
+        return True
 
     def drained_since(self, conn: PooledConnection) -> bool:
         """Whether ``conn`` was opened before the last :meth:`drain` (and so is on its way out)."""
